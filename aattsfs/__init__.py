@@ -1,0 +1,3 @@
+"""aattsfs: an AI-aware tiered FUSE filesystem."""
+
+__version__ = "0.1.0"

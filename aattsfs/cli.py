@@ -1,0 +1,199 @@
+"""The `aattsfs` command. Each subcommand is a thin layer over mount.py or
+the control surface of a live mount (xattrs and `.aatts/`)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+
+import click
+
+from .control import CONTROL_NAME, XATTR_PINNED, XATTR_TIER
+from .errors import UserError
+from .policy import POLICIES
+from .units import format_size, parse_size
+
+
+class SizeType(click.ParamType):
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except UserError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="aattsfs")
+def cli():
+    """aattsfs: a tiered FUSE filesystem for model files.
+
+    Mount a slow cold directory; reads come from a fast tier (RAM by default)
+    once files are promoted there.
+    """
+
+
+@cli.command()
+@click.argument("cold_dir")
+@click.argument("mountpoint")
+@click.option("--fast-dir", help="Directory of the fast tier [default: /dev/shm/aattsfs/<mount>].")
+@click.option("--fast-size", type=SizeType(), default="4G", show_default=True,
+              help="Byte budget of the fast tier, e.g. 512M, 2G.")
+@click.option("--state-dir", help="Where the metadata (LMDB) and the log live "
+              "[default: /var/lib/aattsfs/<mount> for root].")
+@click.option("--policy", type=click.Choice(sorted(POLICIES)), default="lru",
+              show_default=True, help="Eviction policy of the fast tier.")
+@click.option("--allow-other", is_flag=True, help="Let other users access the mount.")
+@click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground "
+              "(for systemd and debugging); log to stderr.")
+@click.option("--debug", is_flag=True, help="Log every request.")
+def mount(cold_dir, mountpoint, fast_dir, fast_size, state_dir, policy, allow_other,
+          foreground, debug):
+    """Mount COLD_DIR on MOUNTPOINT."""
+    from .mount import MountConfig, daemonize, run_foreground
+
+    cfg = MountConfig(cold_dir, mountpoint, fast_size, fast_dir, state_dir, policy,
+                      allow_other, debug)
+    if foreground:
+        run_foreground(cfg)
+    else:
+        daemonize(cfg, sys.argv[1:])
+
+
+@cli.command()
+@click.argument("mountpoint")
+@click.option("--lazy", "-z", is_flag=True, help="Detach now even if files are open.")
+def umount(mountpoint, lazy):
+    """Unmount an aattsfs mount."""
+    from .mount import unmount
+
+    unmount(mountpoint, lazy)
+
+
+def _control_file(mountpoint: str, name: str) -> bytes:
+    path = os.path.join(mountpoint, CONTROL_NAME, name)
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        raise UserError(f"{mountpoint} is not a live aattsfs mount (cannot read {path})") from None
+
+
+@cli.command()
+@click.argument("mountpoint")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON of .aatts/stats.")
+def status(mountpoint, as_json):
+    """Show tiers, budget use and hit ratios of a live mount."""
+    raw = _control_file(mountpoint, "stats")
+    if as_json:
+        click.echo(raw.decode(), nl=False)
+        return
+    s = json.loads(raw)
+    ft = s["fast_tier"]
+    opens = s["opens"]["fast"] + s["opens"]["cold"]
+    reads = s["reads"]["fast"] + s["reads"]["cold"]
+    rows = [
+        ("fast tier", f"{format_size(ft['used_bytes'])} of {format_size(ft['budget_bytes'])} "
+                      f"({100 * ft['used_bytes'] / ft['budget_bytes']:.0f}%), {ft['files']} files, "
+                      f"{ft['pinned_files']} pinned, policy {ft['policy']}"),
+        ("opens", f"{opens} ({s['opens']['fast']} fast, {s['opens']['cold']} cold; "
+                  f"hit ratio {s['opens']['fast'] / opens if opens else 0:.2f})"),
+        ("reads", f"{reads} ({s['reads']['fast']} fast, {s['reads']['cold']} cold)"),
+        ("bytes served", f"{format_size(s['bytes_served']['fast'])} fast, "
+                         f"{format_size(s['bytes_served']['cold'])} cold"),
+        ("cold bytes read", format_size(s["cold_bytes_read"])),
+        ("promotions", f"{s['promotions']} ({format_size(s['promoted_bytes'])}), "
+                       f"{s['promotions_in_flight']} in flight, {s['promotions_failed']} failed"),
+        ("evictions", f"{s['evictions']} ({format_size(s['evicted_bytes'])}), "
+                      f"{s['invalidations']} invalidated"),
+        ("uptime", f"{s['uptime_seconds']:.0f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key:<{width}}  {value}")
+    tiers = _control_file(mountpoint, "tiers").decode().splitlines()[1:]
+    if tiers:
+        click.echo(f"\n{'tier':<10} {'size':>10} {'hits':>6} {'pin':>3}  path")
+        for line in tiers:
+            tier, size, hits, _misses, pinned, path = line.split("\t", 5)
+            click.echo(f"{tier:<10} {format_size(int(size)):>10} {hits:>6} "
+                       f"{'yes' if pinned == '1' else '':>3}  {path}")
+
+
+def _files(paths):
+    for path in paths:
+        if os.path.isdir(path) and not os.path.islink(path):
+            for dirpath, _dirs, files in os.walk(path):
+                for name in sorted(files):
+                    yield os.path.join(dirpath, name)
+        elif os.path.lexists(path):
+            yield path
+        else:
+            raise UserError(f"{path} does not exist")
+
+
+def _act(paths, name: bytes, value: bytes, verb: str):
+    count = 0
+    for path in _files(paths):
+        if os.path.islink(path) or os.path.getsize(path) == 0:
+            continue
+        try:
+            os.setxattr(path, name, value)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise UserError(f"{path} is not on an aattsfs mount") from None
+            if exc.errno == errno.ENOSPC:
+                raise UserError(f"cannot {verb} {path}: it does not fit in the fast tier "
+                                "next to pinned files; unpin some or raise --fast-size") from None
+            raise UserError(f"cannot {verb} {path}: {exc.strerror}") from None
+        count += 1
+    click.echo(f"{verb}: {count} file(s)")
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True)
+def warm(paths):
+    """Promote files (directories: every file below) into the fast tier."""
+    _act(paths, XATTR_TIER, b"fast", "warm")
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True)
+def evict(paths):
+    """Drop files from the fast tier (they stay in the cold tier)."""
+    _act(paths, XATTR_TIER, b"cold", "evict")
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True)
+def pin(paths):
+    """Promote files and keep them in the fast tier: never evicted."""
+    _act(paths, XATTR_PINNED, b"1", "pin")
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True)
+def unpin(paths):
+    """Let pinned files be evicted again."""
+    _act(paths, XATTR_PINNED, b"0", "unpin")
+
+
+def main():
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aattsfs: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except UserError as exc:
+        click.echo(f"aattsfs: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,47 @@
+"""The control surface: the hidden `.aatts/` directory and `user.aatts.*` xattrs.
+
+`.aatts/stats` and `.aatts/tiers` are generated when opened (a consistent
+snapshot per open) and served with direct_io, so `cat` always sees the
+current content whatever size `stat` reports. Actions (warm, evict, pin)
+are requests on the file itself: setting `user.aatts.tier` to `fast` or
+`cold`, or `user.aatts.pinned` to 1 or 0. The CLI uses exactly that, so a
+shell user with `setfattr` has the same power and nothing touches the fast
+directory behind the daemon's back.
+"""
+
+from __future__ import annotations
+
+import json
+
+from .store import Store
+
+CONTROL_NAME = ".aatts"
+CONTROL_DIR_INO = 2
+# name -> inode number; numbers stay below namespace.FIRST_DYNAMIC
+CONTROL_FILES = {"stats": 3, "tiers": 4}
+CONTROL_INOS = {CONTROL_DIR_INO, *CONTROL_FILES.values()}
+
+XATTR_TIER = b"user.aatts.tier"
+XATTR_HITS = b"user.aatts.hits"
+XATTR_PINNED = b"user.aatts.pinned"
+XATTRS = (XATTR_TIER, XATTR_HITS, XATTR_PINNED)
+
+
+def render(store: Store, name: str) -> bytes:
+    if name == "stats":
+        return (json.dumps(store.snapshot(), indent=2) + "\n").encode()
+    lines = ["# tier\tsize\thits\tmisses\tpinned\tpath"]
+    for rel in sorted(store.entries):
+        rec = store.entries[rel].record
+        lines.append(f"{store.tier(rel)}\t{rec.size}\t{rec.hits}\t{rec.misses}\t"
+                     f"{int(rec.pinned)}\t{rel}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def get_xattr(store: Store, rel: str, name: bytes) -> bytes:
+    if name == XATTR_TIER:
+        return store.tier(rel).encode()
+    rec = store.record(rel)
+    if name == XATTR_HITS:
+        return str(rec.hits).encode()
+    return b"1" if rec.pinned else b"0"

@@ -1,0 +1,288 @@
+"""Mounting: validate what the user asked for, wire the parts together, run
+the FUSE main loop, and shut down in order (stop promotions, persist
+metadata, unmount). `daemonize` runs the same thing in a detached child.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import fcntl
+import hashlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from .errors import UserError
+from .fs import Operations
+from .metadata import MetaStore
+from .policy import make_policy
+from .store import Store
+from .tiers import ColdTier, FastTier
+from .units import format_size
+
+log = logging.getLogger(__name__)
+
+LOCK_WAIT = 15.0  # a previous daemon of this mount may still be flushing
+
+
+@dataclass
+class MountConfig:
+    cold: str
+    mountpoint: str
+    fast_size: int
+    fast_dir: str | None = None
+    state_dir: str | None = None
+    policy: str = "lru"
+    allow_other: bool = False
+    debug: bool = False
+    timeout: float = 1.0
+
+
+def mount_key(mountpoint: str) -> str:
+    """A stable, readable name for a mount point: /mnt/models -> mnt-models-1a2b3c4d."""
+    real = os.path.realpath(mountpoint)
+    slug = real.strip("/").replace("/", "-") or "root"
+    return f"{slug[-48:]}-{hashlib.sha1(real.encode()).hexdigest()[:8]}"
+
+
+def default_fast_dir(mountpoint: str) -> str:
+    return os.path.join("/dev/shm/aattsfs", mount_key(mountpoint))
+
+
+def default_state_dir(mountpoint: str) -> str:
+    if os.geteuid() == 0:
+        base = "/var/lib/aattsfs"
+    else:
+        base = os.path.join(os.environ.get("XDG_STATE_HOME")
+                            or os.path.expanduser("~/.local/state"), "aattsfs")
+    return os.path.join(base, mount_key(mountpoint))
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _dir_bytes(path: str) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _ensure_dir(path: str, what: str, option: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise UserError(f"{what} {path} is not usable ({exc.strerror}); make it writable "
+                        f"or choose another with {option}") from None
+
+
+def prepare(cfg: MountConfig) -> MountConfig:
+    """Check everything the user gave; return the config with every path
+    resolved and defaults filled in. Raises UserError with one clear line."""
+    if not os.path.exists("/dev/fuse"):
+        raise UserError("FUSE is not available: /dev/fuse is missing; load the module "
+                        "(modprobe fuse) or give this container the /dev/fuse device")
+    try:
+        os.close(os.open("/dev/fuse", os.O_RDWR))
+    except OSError as exc:
+        raise UserError(f"FUSE is not available: cannot open /dev/fuse ({exc.strerror}); "
+                        "run as root or give this user access to /dev/fuse") from None
+
+    cold = os.path.realpath(cfg.cold)
+    if not os.path.exists(cfg.cold):
+        raise UserError(f"cold directory {cfg.cold} does not exist; give the directory "
+                        "that holds your files")
+    if not os.path.isdir(cold):
+        raise UserError(f"cold directory {cfg.cold} is not a directory")
+    if not os.access(cold, os.R_OK | os.X_OK):
+        raise UserError(f"cold directory {cfg.cold} is not readable by this user")
+
+    mnt = os.path.realpath(cfg.mountpoint)
+    if not os.path.lexists(cfg.mountpoint):
+        raise UserError(f"mountpoint {cfg.mountpoint} does not exist; create it with "
+                        f"mkdir -p {cfg.mountpoint}")
+    if os.path.ismount(mnt):
+        raise UserError(f"{cfg.mountpoint} is already a mount point; unmount it first "
+                        f"(aattsfs umount {cfg.mountpoint}) or choose another")
+    if not os.path.isdir(mnt):
+        raise UserError(f"mountpoint {cfg.mountpoint} is not a directory")
+    if os.listdir(mnt):
+        raise UserError(f"mountpoint {cfg.mountpoint} is not empty; mount on an empty "
+                        "directory")
+    if _inside(mnt, cold) or _inside(cold, mnt):
+        raise UserError(f"mountpoint {cfg.mountpoint} and cold directory {cfg.cold} "
+                        "overlap; choose a mountpoint outside the cold directory")
+
+    fast = os.path.realpath(cfg.fast_dir or default_fast_dir(mnt))
+    state = os.path.realpath(cfg.state_dir or default_state_dir(mnt))
+    for path, what, option in ((fast, "fast dir", "--fast-dir"),
+                               (state, "state dir", "--state-dir")):
+        if _inside(path, cold) or _inside(path, mnt):
+            raise UserError(f"{what} {path} is inside the cold directory or the mountpoint; "
+                            f"choose another with {option}")
+        _ensure_dir(path, what, option)
+
+    sv = os.statvfs(fast)
+    room = sv.f_bavail * sv.f_frsize + _dir_bytes(fast)
+    if room < cfg.fast_size:
+        raise UserError(f"fast dir {fast} has room for {format_size(room)}, less than the "
+                        f"budget of {format_size(cfg.fast_size)}; lower --fast-size or choose "
+                        "another --fast-dir")
+    return MountConfig(cold, mnt, cfg.fast_size, fast, state, cfg.policy,
+                       cfg.allow_other, cfg.debug, cfg.timeout)
+
+
+def _lock_state_dir(state: str) -> int:
+    fd = os.open(os.path.join(state, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                os.close(fd)
+                raise UserError(f"state dir {state} is in use by another aattsfs (pid "
+                                f"{holder or '?'}); unmount that one first or pass "
+                                "--state-dir") from None
+            time.sleep(0.2)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def setup_logging(debug: bool) -> None:
+    if os.environ.get("JOURNAL_STREAM"):  # under systemd: journald adds time and unit
+        fmt = "%(levelname)s %(name)s: %(message)s"
+    else:
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format=fmt,
+                        stream=sys.stderr, force=True)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
+def _notify_systemd(message: bytes) -> None:
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(message, addr)
+
+
+def run_foreground(cfg: MountConfig) -> None:
+    """Mount and serve until unmounted or signalled."""
+    setup_logging(cfg.debug)
+    cfg = prepare(cfg)
+    lock_fd = _lock_state_dir(cfg.state_dir)
+    meta = MetaStore(os.path.join(cfg.state_dir, "lmdb"))
+    store = Store(ColdTier(cfg.cold), FastTier(cfg.fast_dir, cfg.fast_size), meta,
+                  make_policy(cfg.policy))
+    store.recover()
+    ops = Operations(store, timeout=cfg.timeout)
+    options = set(pyfuse3.default_options) | {"fsname=aattsfs", "subtype=aattsfs"}
+    if cfg.allow_other:
+        options.add("allow_other")
+    try:
+        pyfuse3.init(ops, cfg.mountpoint, options)
+    except RuntimeError as exc:
+        meta.close()
+        raise UserError(f"mounting {cfg.mountpoint} failed: {exc}") from None
+    log.info("mounted %s on %s (fast tier %s, budget %s, policy %s)", cfg.cold,
+             cfg.mountpoint, cfg.fast_dir, format_size(cfg.fast_size), cfg.policy)
+    unmount = True
+    try:
+        unmount = trio.run(_serve, store)
+    finally:
+        store.close()
+        meta.close()
+        pyfuse3.close(unmount=unmount)
+        os.close(lock_fd)
+        log.info("unmounted %s", cfg.mountpoint)
+
+
+async def _serve(store: Store) -> bool:
+    """Run until unmounted from outside (returns False) or told to stop by a
+    signal (returns True: we still have to unmount)."""
+    stopped_by_signal = False
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+
+        async def watch_signals():
+            nonlocal stopped_by_signal
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info("%s received, unmounting", signal.Signals(signum).name)
+                    stopped_by_signal = True
+                    nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch_signals)
+        _notify_systemd(b"READY=1")
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+    _notify_systemd(b"STOPPING=1")
+    return stopped_by_signal
+
+
+def daemonize(cfg: MountConfig, argv: list[str]) -> None:
+    """Validate here (so mistakes print to the user's terminal), then run the
+    daemon in a detached child and return once the mount is live."""
+    cfg = prepare(cfg)
+    log_path = os.path.join(cfg.state_dir, "aattsfs.log")
+    with open(log_path, "ab") as logf:
+        start = logf.tell()
+        child = subprocess.Popen([sys.executable, "-m", "aattsfs", *argv, "--foreground"],
+                                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                 start_new_session=True, close_fds=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            with open(log_path, "rb") as f:
+                f.seek(start)
+                lines = f.read().decode(errors="replace").strip().splitlines()
+            errors_ = [ln for ln in lines if "error" in ln.lower()]
+            detail = (errors_ or lines or ["no output"])[-1]
+            detail = detail.removeprefix("aattsfs: error: ")
+            raise UserError(f"the daemon exited before the mount was live: {detail} "
+                            f"(log: {log_path})")
+        if os.path.ismount(cfg.mountpoint):
+            return
+        time.sleep(0.05)
+    child.terminate()
+    raise UserError(f"the daemon did not bring up {cfg.mountpoint} within 60 s; see {log_path}")
+
+
+def unmount(mountpoint: str, lazy: bool = False) -> None:
+    mnt = os.path.realpath(mountpoint)
+    if not os.path.ismount(mnt):
+        raise UserError(f"{mountpoint} is not mounted")
+    cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [mnt]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise UserError("fusermount3 is missing; install the fuse3 package") from None
+    if proc.returncode != 0:
+        msg = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
+        if "busy" in msg.lower():
+            raise UserError(f"{mountpoint} is busy (a process has a file open there); close "
+                            "it, or use --lazy to detach now and finish when it is closed")
+        raise UserError(f"unmounting {mountpoint} failed: {msg}")
+

@@ -1,0 +1,86 @@
+"""Eviction policies for the fast tier.
+
+Plain synchronous code with no FUSE or trio inside, so that the daemon and the
+offline simulator run the very same classes. A policy only orders the files
+that are resident in the fast tier; the store decides which of them may be
+evicted at all (pinned files and in-flight promotions never are).
+"""
+
+from __future__ import annotations
+
+import itertools
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from typing import Hashable, Iterator
+
+
+class EvictionPolicy(ABC):
+    name: str
+
+    @abstractmethod
+    def admit(self, key: Hashable, size: int) -> None:
+        """`key` became resident in the fast tier."""
+
+    @abstractmethod
+    def access(self, key: Hashable) -> None:
+        """`key` was opened; ignored unless it is resident."""
+
+    @abstractmethod
+    def remove(self, key: Hashable) -> None:
+        """`key` left the fast tier (evicted, invalidated or deleted)."""
+
+    @abstractmethod
+    def victims(self) -> Iterator[Hashable]:
+        """Resident keys, the one to evict first coming first."""
+
+
+class LRUPolicy(EvictionPolicy):
+    name = "lru"
+
+    def __init__(self) -> None:
+        self._order: OrderedDict[Hashable, None] = OrderedDict()
+
+    def admit(self, key, size):
+        self._order[key] = None
+        self._order.move_to_end(key)
+
+    def access(self, key):
+        if key in self._order:
+            self._order.move_to_end(key)
+
+    def remove(self, key):
+        self._order.pop(key, None)
+
+    def victims(self):
+        return iter(list(self._order))
+
+
+class LFUPolicy(EvictionPolicy):
+    """Least frequently used; ties go to the least recently used."""
+
+    name = "lfu"
+
+    def __init__(self) -> None:
+        self._clock = itertools.count()
+        self._state: dict[Hashable, tuple[int, int]] = {}  # key -> (uses, last use)
+
+    def admit(self, key, size):
+        uses = self._state.get(key, (0, 0))[0]
+        self._state[key] = (uses + 1, next(self._clock))
+
+    def access(self, key):
+        if key in self._state:
+            self._state[key] = (self._state[key][0] + 1, next(self._clock))
+
+    def remove(self, key):
+        self._state.pop(key, None)
+
+    def victims(self):
+        return iter(sorted(self._state, key=self._state.__getitem__))
+
+
+POLICIES: dict[str, type[EvictionPolicy]] = {p.name: p for p in (LRUPolicy, LFUPolicy)}
+
+
+def make_policy(name: str) -> EvictionPolicy:
+    return POLICIES[name]()

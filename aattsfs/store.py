@@ -1,0 +1,520 @@
+"""The tiered store: which copy serves a read, promotion, eviction, recovery.
+
+This is the filesystem model below the FUSE adapter. It runs on the trio
+thread: all state here is touched only between awaits, so it needs no locks.
+Blocking I/O on the cold tier and bulk copies go to worker threads under
+`io_limiter`; small preads of the fast copy run inline.
+
+Promotion protocol (docs/promotion.md explains why):
+
+1. On the first read of a file that is only in the cold tier, room for the
+   whole file is *reserved* in the fast tier (evicting by policy), so the
+   budget holds even while copies are in flight.
+2. A `Promotion` fills a temporary file chunk by chunk. A background filler
+   walks the chunks in order at full speed; a demand read of a chunk that is
+   not there yet fetches that chunk itself, or waits for the fetch already in
+   flight. Either way each cold byte is read once, and a random read never
+   waits for the filler to get there.
+3. Reads are served from the temporary copy as soon as their chunks are in.
+4. When every chunk is in and the cold file is unchanged, the copy gets the
+   cold file's mtime and is renamed into place (the commit point); open
+   handles move over to it. On any failure the reservation is returned and
+   handles fall back to the cold tier.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import trio
+
+from .metadata import FileRecord, MetaStore
+from .policy import EvictionPolicy
+from .tiers import ColdTier, FastTier
+
+log = logging.getLogger(__name__)
+
+CHUNK = 4 << 20
+FLUSH_INTERVAL = 1.0
+
+
+def _copy_range(src: int, dst: int, off: int, length: int) -> int:
+    """Copy [off, off+length) from src to dst; returns bytes copied."""
+    done = 0
+    while done < length:
+        buf = os.pread(src, min(length - done, 1 << 20), off + done)
+        if not buf:
+            break
+        os.pwrite(dst, buf, off + done)
+        done += len(buf)
+    return done
+
+
+def version_of(st: os.stat_result) -> tuple[int, int]:
+    return st.st_size, st.st_mtime_ns
+
+
+class Promotion:
+    def __init__(self, store: "Store", rel: str, version: tuple[int, int],
+                 cold_fd: int, tmp_path: str, tmp_fd: int) -> None:
+        self.store = store
+        self.rel = rel
+        self.version = version
+        self.size = version[0]
+        self.cold_fd = cold_fd
+        self.tmp_path = tmp_path
+        self.tmp_fd: int | None = tmp_fd
+        nchunks = (self.size + CHUNK - 1) // CHUNK
+        self.state = bytearray(nchunks)  # 0 missing, 1 in flight, 2 present
+        self.fetched: dict[int, trio.Event] = {}
+        self.done = trio.Event()
+        self.failed = False
+        self.cancelled = False
+
+    async def _fetch(self, idx: int) -> None:
+        self.state[idx] = 1
+        ev = self.fetched[idx] = trio.Event()
+        off = idx * CHUNK
+        length = min(CHUNK, self.size - off)
+        try:
+            n = await trio.to_thread.run_sync(_copy_range, self.cold_fd, self.tmp_fd, off,
+                                              length, limiter=self.store.io_limiter)
+            if n != length:
+                log.info("%s shrank while being promoted; serving it from the cold tier",
+                         self.rel)
+                self.failed = True
+            self.state[idx] = 2
+            self.store.stats.cold_bytes_read += n
+        except OSError as exc:
+            log.warning("promotion of %s failed: %s", self.rel, exc)
+            self.failed = True
+            self.state[idx] = 0
+        finally:
+            ev.set()
+
+    def _alive(self) -> bool:
+        return not (self.failed or self.cancelled) and self.tmp_fd is not None
+
+    async def ensure(self, off: int, size: int) -> tuple[bool, bool]:
+        """Make [off, off+size) present in the temporary copy.
+        Returns (usable, waited): usable is False when the caller must look
+        again at its handle (the promotion ended, failed or was cancelled)."""
+        waited = False
+        end = min(off + size, self.size)
+        for idx in range(off // CHUNK, (end + CHUNK - 1) // CHUNK):
+            while self._alive() and self.state[idx] != 2:
+                waited = True
+                if self.state[idx] == 1:
+                    await self.fetched[idx].wait()
+                else:
+                    await self._fetch(idx)
+        return self._alive(), waited
+
+    async def fill(self) -> None:
+        try:
+            async with self.store.promote_limiter:
+                for idx in range(len(self.state)):
+                    if not self._alive():
+                        break
+                    if self.state[idx] == 0:
+                        await self._fetch(idx)
+                    elif self.state[idx] == 1:
+                        await self.fetched[idx].wait()
+                if self._alive():
+                    if version_of(self.store.cold.lstat(self.rel)) != self.version:
+                        log.info("%s changed while being promoted; copy discarded", self.rel)
+                        self.failed = True
+                    else:
+                        await trio.to_thread.run_sync(
+                            self.store.fast.commit, self.tmp_path, self.tmp_fd, self.rel,
+                            self.version[1], limiter=self.store.io_limiter)
+        except OSError as exc:
+            log.warning("promotion of %s failed: %s", self.rel, exc)
+            self.failed = True
+        finally:
+            self.store._promotion_ended(self)
+
+
+@dataclass(eq=False)
+class Handle:
+    rel: str
+    version: tuple[int, int]
+    entry: "Entry"
+    fast_fd: int | None = None
+    cold_fd: int | None = None
+    prom: Promotion | None = None
+    tried_promotion: bool = False
+
+
+@dataclass(eq=False)
+class Entry:
+    record: FileRecord
+    fast_bytes: int = 0  # bytes this file's committed copy holds in the budget
+    prom: Promotion | None = None
+    handles: set = field(default_factory=set)
+
+
+@dataclass
+class Stats:
+    started: float = field(default_factory=time.time)
+    opens_fast: int = 0
+    opens_cold: int = 0
+    reads_fast: int = 0
+    reads_cold: int = 0
+    bytes_fast: int = 0
+    bytes_cold: int = 0
+    cold_bytes_read: int = 0
+    promotions: int = 0
+    promoted_bytes: int = 0
+    promotions_failed: int = 0
+    evictions: int = 0
+    evicted_bytes: int = 0
+    invalidations: int = 0
+
+
+class Store:
+    def __init__(self, cold: ColdTier, fast: FastTier, meta: MetaStore,
+                 policy: EvictionPolicy, io_threads: int = 8,
+                 max_promotions: int = 2) -> None:
+        self.cold = cold
+        self.fast = fast
+        self.meta = meta
+        self.policy = policy
+        self.io_limiter = trio.CapacityLimiter(io_threads)
+        self.promote_limiter = trio.CapacityLimiter(max_promotions)
+        self.stats = Stats()
+        self.entries: dict[str, Entry] = {rel: Entry(rec) for rel, rec in meta.records.items()}
+        self._nursery: trio.Nursery | None = None
+        self._dirty: set[str] = set()
+        self._transitions: Counter = Counter()
+        self._events: list[dict] = []
+        self._last_open: str | None = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def recover(self) -> None:
+        """Reconcile metadata with what the fast directory really holds: keep
+        copies whose size and mtime equal the cold file's, drop the rest."""
+        kept = dropped = 0
+        for rel, fst in self.fast.scan().items():
+            try:
+                cst = self.cold.lstat(rel)
+                valid = stat.S_ISREG(cst.st_mode) and version_of(cst) == version_of(fst)
+            except OSError:
+                valid = False
+            if not valid:
+                self.fast.remove(rel)
+                dropped += 1
+                continue
+            e = self._entry(rel)
+            e.record.size, e.record.mtime_ns = version_of(cst)
+            e.record.tier = "fast"
+            e.fast_bytes = cst.st_size
+            self.fast.used += cst.st_size
+            kept += 1
+        for rel, e in self.entries.items():
+            if e.record.tier == "fast" and not e.fast_bytes:
+                e.record.tier = "cold"
+                self._dirty.add(rel)
+        for rel, e in sorted(self.entries.items(), key=lambda kv: kv[1].record.last_access):
+            if e.fast_bytes:
+                self.policy.admit(rel, e.fast_bytes)
+                self._dirty.add(rel)
+        if self.fast.used > self.fast.budget:  # the budget shrank since last time
+            self._make_room(0)
+        log.info("fast tier recovered: %d copies kept (%d bytes), %d dropped",
+                 kept, self.fast.used, dropped)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Own the background tasks (promotions, metadata flush) until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for rel, e in self.entries.items():
+                if e.record.pinned and e.record.tier != "fast":
+                    nursery.start_soon(self._warm_quietly, rel)
+            task_status.started()
+            while True:
+                await trio.sleep(FLUSH_INTERVAL)
+                self.flush()
+
+    async def _warm_quietly(self, rel: str) -> None:
+        try:
+            await self.warm(rel)
+        except OSError as exc:
+            log.warning("could not bring pinned file %s back into the fast tier: %s",
+                        rel, os.strerror(exc.errno))
+
+    def flush(self) -> None:
+        if not (self._dirty or self._transitions or self._events):
+            return
+        batch = {rel: self.entries[rel].record if rel in self.entries else None
+                 for rel in self._dirty}
+        self.meta.write_batch(batch, self._transitions, self._events)
+        self._dirty.clear()
+        self._transitions = Counter()
+        self._events = []
+
+    def close(self) -> None:
+        """Stop promotions and persist state; open handles are gone by now."""
+        for e in self.entries.values():
+            if e.prom is not None:
+                e.prom.cancelled = True
+        self.flush()
+
+    # -- queries -----------------------------------------------------------
+
+    def _entry(self, rel: str) -> Entry:
+        e = self.entries.get(rel)
+        if e is None:
+            e = self.entries[rel] = Entry(FileRecord())
+        return e
+
+    def tier(self, rel: str) -> str:
+        e = self.entries.get(rel)
+        if e is None:
+            return "cold"
+        if e.prom is not None:
+            return "promoting"
+        return e.record.tier
+
+    def record(self, rel: str) -> FileRecord:
+        e = self.entries.get(rel)
+        return e.record if e is not None else FileRecord()
+
+    def snapshot(self) -> dict:
+        s = self.stats
+        fast_files = [e for e in self.entries.values() if e.fast_bytes]
+        return {
+            "uptime_seconds": round(time.time() - s.started, 3),
+            "opens": {"fast": s.opens_fast, "cold": s.opens_cold},
+            "reads": {"fast": s.reads_fast, "cold": s.reads_cold},
+            "bytes_served": {"fast": s.bytes_fast, "cold": s.bytes_cold},
+            "cold_bytes_read": s.cold_bytes_read,
+            "promotions": s.promotions,
+            "promoted_bytes": s.promoted_bytes,
+            "promotions_failed": s.promotions_failed,
+            "promotions_in_flight": sum(1 for e in self.entries.values() if e.prom),
+            "evictions": s.evictions,
+            "evicted_bytes": s.evicted_bytes,
+            "invalidations": s.invalidations,
+            "fast_tier": {
+                "used_bytes": self.fast.used,
+                "budget_bytes": self.fast.budget,
+                "files": len(fast_files),
+                "pinned_files": sum(1 for e in fast_files if e.record.pinned),
+                "policy": self.policy.name,
+            },
+        }
+
+    # -- the read path -----------------------------------------------------
+
+    def _refresh(self, rel: str) -> tuple[Entry, tuple[int, int]]:
+        """Compare the cold file with what is known of it; a changed file
+        loses its fast copy and any promotion of the old version."""
+        version = version_of(self.cold.lstat(rel))
+        e = self._entry(rel)
+        rec = e.record
+        if (rec.size, rec.mtime_ns) != version:
+            if e.fast_bytes:
+                log.info("%s changed in the cold tier; its fast copy is dropped", rel)
+                self.stats.invalidations += 1
+                self._drop_fast(rel)
+            if e.prom is not None and e.prom.version != version:
+                e.prom.cancelled = True
+            rec.size, rec.mtime_ns = version
+            self._dirty.add(rel)
+        return e, version
+
+    def open(self, rel: str, pid: int = 0) -> Handle:
+        e, version = self._refresh(rel)
+        rec = e.record
+        if e.fast_bytes:
+            try:
+                fast_fd = self.fast.open(rel)
+            except OSError as exc:  # removed behind the daemon's back
+                log.warning("fast copy of %s is unreadable (%s); dropped", rel, exc)
+                self._drop_fast(rel)
+        h = Handle(rel, version, e)
+        if e.fast_bytes:
+            h.fast_fd = fast_fd
+            rec.hits += 1
+            self.stats.opens_fast += 1
+            self.policy.access(rel)
+        else:
+            h.cold_fd = self.cold.open(rel)
+            rec.misses += 1
+            self.stats.opens_cold += 1
+            if e.prom is not None and not e.prom.cancelled:
+                h.prom = e.prom
+        e.handles.add(h)
+        rec.last_access = time.time()
+        self._dirty.add(rel)
+        self._events.append({"t": rec.last_access, "op": "open", "path": rel, "pid": pid})
+        if self._last_open is not None and self._last_open != rel:
+            self._transitions[(self._last_open, rel)] += 1
+        self._last_open = rel
+        return h
+
+    async def read(self, h: Handle, off: int, size: int) -> bytes:
+        while True:
+            if h.fast_fd is not None:
+                data = os.pread(h.fast_fd, size, off)
+                self._count(True, data)
+                return data
+            if not h.tried_promotion and h.entry.prom is None and h.version[0] > 0:
+                h.tried_promotion = True
+                self._start_promotion(h.rel, h.entry, h.version)
+            if h.prom is not None:
+                prom = h.prom
+                usable, waited = await prom.ensure(off, size)
+                if usable:
+                    data = os.pread(prom.tmp_fd, size, off)
+                    self._count(not waited, data)
+                    return data
+                if h.prom is prom:  # ended without moving this handle
+                    h.prom = None
+                continue
+            if h.cold_fd is None:
+                h.cold_fd = self.cold.open(h.rel)
+            data = await trio.to_thread.run_sync(os.pread, h.cold_fd, size, off,
+                                                 limiter=self.io_limiter)
+            self.stats.cold_bytes_read += len(data)
+            self._count(False, data)
+            return data
+
+    def _count(self, fast: bool, data: bytes) -> None:
+        if fast:
+            self.stats.reads_fast += 1
+            self.stats.bytes_fast += len(data)
+        else:
+            self.stats.reads_cold += 1
+            self.stats.bytes_cold += len(data)
+
+    def release(self, h: Handle) -> None:
+        h.entry.handles.discard(h)
+        for fd in (h.fast_fd, h.cold_fd):
+            if fd is not None:
+                os.close(fd)
+        h.fast_fd = h.cold_fd = None
+        h.prom = None
+
+    # -- promotion ---------------------------------------------------------
+
+    def _start_promotion(self, rel: str, e: Entry,
+                         version: tuple[int, int]) -> Promotion | None:
+        """Begin promoting rel if its whole size fits the budget; attach every
+        open handle of this version of the file to the promotion."""
+        size = version[0]
+        if e.fast_bytes or e.prom is not None:
+            return e.prom
+        if self._nursery is None or not self._make_room(size) or not self.fast.reserve(size):
+            return None
+        try:
+            cold_fd = self.cold.open(rel)
+            tmp_path, tmp_fd = self.fast.create_temp()
+        except OSError:
+            self.fast.release(size)
+            raise
+        prom = e.prom = Promotion(self, rel, version, cold_fd, tmp_path, tmp_fd)
+        for h in e.handles:
+            if h.fast_fd is None and h.version == version:
+                h.prom = prom
+        self._nursery.start_soon(prom.fill)
+        return prom
+
+    def _promotion_ended(self, prom: Promotion) -> None:
+        e = self.entries[prom.rel]
+        committed = not (prom.failed or prom.cancelled)
+        if e.prom is prom:
+            e.prom = None
+        if committed:
+            e.fast_bytes = prom.size
+            e.record.tier = "fast"
+            self.policy.admit(prom.rel, prom.size)
+            self.stats.promotions += 1
+            self.stats.promoted_bytes += prom.size
+            self._dirty.add(prom.rel)
+        else:
+            self.fast.release(prom.size)
+            self.stats.promotions_failed += 1
+            try:
+                os.unlink(prom.tmp_path)
+            except FileNotFoundError:
+                pass
+        for h in e.handles:
+            if h.prom is prom:
+                h.prom = None
+                if committed:
+                    h.fast_fd = self.fast.open(prom.rel)
+        os.close(prom.tmp_fd)
+        os.close(prom.cold_fd)
+        prom.tmp_fd = None
+        prom.done.set()
+
+    def _make_room(self, size: int) -> bool:
+        """Evict by policy until `size` more bytes fit; pinned files and
+        promotions in flight are never evicted."""
+        if size > self.fast.budget:
+            return False
+        for rel in self.policy.victims():
+            if self.fast.free >= size:
+                break
+            if not self.entries[rel].record.pinned:
+                self._drop_fast(rel)
+                self.stats.evictions += 1
+        return self.fast.free >= size
+
+    def _drop_fast(self, rel: str) -> None:
+        """Remove rel's fast copy. Open handles reading it switch to the cold
+        tier on their next read, so they keep returning the same bytes."""
+        e = self.entries[rel]
+        self.fast.remove(rel)
+        self.fast.release(e.fast_bytes)
+        self.stats.evicted_bytes += e.fast_bytes
+        e.fast_bytes = 0
+        e.record.tier = "cold"
+        self.policy.remove(rel)
+        self._dirty.add(rel)
+        for h in e.handles:
+            if h.fast_fd is not None:
+                os.close(h.fast_fd)
+                h.fast_fd = None
+        log.debug("dropped fast copy of %s", rel)
+
+    # -- control -----------------------------------------------------------
+
+    async def warm(self, rel: str) -> None:
+        """Promote rel and wait until it is in the fast tier. Raises OSError:
+        ENOSPC if it cannot fit next to pinned files, EIO if the copy failed."""
+        if not stat.S_ISREG(self.cold.lstat(rel).st_mode):
+            raise OSError(errno.EINVAL, "only regular files can be promoted")
+        e, version = self._refresh(rel)
+        if e.fast_bytes or version[0] == 0:
+            return
+        prom = self._start_promotion(rel, e, version)
+        if prom is None:
+            raise OSError(errno.ENOSPC, "does not fit in the fast tier")
+        await prom.done.wait()
+        if not e.fast_bytes:
+            raise OSError(errno.EIO, "promotion did not complete")
+
+    def evict(self, rel: str) -> None:
+        e = self.entries.get(rel)
+        if e is None:
+            return
+        if e.prom is not None:
+            e.prom.cancelled = True
+        if e.fast_bytes:
+            self._drop_fast(rel)
+            self.stats.evictions += 1
+
+    def set_pinned(self, rel: str, pinned: bool) -> None:
+        e = self._entry(rel)
+        e.record.pinned = pinned
+        self._dirty.add(rel)
