@@ -5,11 +5,13 @@ metadata, unmount). `daemonize` runs the same thing in a detached child.
 
 from __future__ import annotations
 
+import errno
 import faulthandler
 import fcntl
 import hashlib
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -67,6 +69,20 @@ def default_state_dir(mountpoint: str) -> str:
     return os.path.join(base, mount_key(mountpoint))
 
 
+def is_mounted(path: str) -> bool:
+    """Whether path is a mount point, from the mount table: unlike
+    os.path.ismount this also sees a FUSE mount whose daemon died."""
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            target = line.split()[4].decode()
+            # the table escapes space, tab, newline and backslash as octal
+            target = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), target)
+            if target == real:
+                return True
+    return False
+
+
 def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
@@ -114,12 +130,18 @@ def prepare(cfg: MountConfig) -> MountConfig:
         raise UserError(f"cold directory {cfg.cold} is not readable by this user")
 
     mnt = os.path.realpath(cfg.mountpoint)
+    if is_mounted(mnt):
+        try:
+            os.stat(mnt)
+        except OSError as exc:
+            if exc.errno == errno.ENOTCONN:
+                raise UserError(f"{cfg.mountpoint} is a mount whose daemon died; clean it up "
+                                f"with 'aattsfs umount {cfg.mountpoint}' and mount again") from None
+        raise UserError(f"{cfg.mountpoint} is already a mount point; unmount it first "
+                        f"(aattsfs umount {cfg.mountpoint}) or choose another")
     if not os.path.lexists(cfg.mountpoint):
         raise UserError(f"mountpoint {cfg.mountpoint} does not exist; create it with "
                         f"mkdir -p {cfg.mountpoint}")
-    if os.path.ismount(mnt):
-        raise UserError(f"{cfg.mountpoint} is already a mount point; unmount it first "
-                        f"(aattsfs umount {cfg.mountpoint}) or choose another")
     if not os.path.isdir(mnt):
         raise UserError(f"mountpoint {cfg.mountpoint} is not a directory")
     if os.listdir(mnt):
@@ -263,7 +285,7 @@ def daemonize(cfg: MountConfig, argv: list[str]) -> None:
             detail = detail.removeprefix("aattsfs: error: ")
             raise UserError(f"the daemon exited before the mount was live: {detail} "
                             f"(log: {log_path})")
-        if os.path.ismount(cfg.mountpoint):
+        if is_mounted(cfg.mountpoint):
             return
         time.sleep(0.05)
     child.terminate()
@@ -272,7 +294,7 @@ def daemonize(cfg: MountConfig, argv: list[str]) -> None:
 
 def unmount(mountpoint: str, lazy: bool = False) -> None:
     mnt = os.path.realpath(mountpoint)
-    if not os.path.ismount(mnt):
+    if not is_mounted(mnt):
         raise UserError(f"{mountpoint} is not mounted")
     cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [mnt]
     try:

@@ -1,0 +1,185 @@
+"""Fixtures that mount real aattsfs filesystems.
+
+Each mount runs the real daemon in the foreground as a subprocess. Teardown
+always unmounts (lazily if busy), waits for the daemon, kills it if it will
+not go, and fails the test if the daemon logged a warning, an error or a
+traceback that the test did not declare with `Mount.expect_log`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from aattsfs.mount import is_mounted
+
+MiB = 1 << 20
+BAD_LOG = re.compile(r"WARNING|ERROR|CRITICAL|Traceback")
+
+
+def wait_for(predicate, timeout=30.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def run_cli(*args, check=True, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "aattsfs", *map(str, args)],
+                          capture_output=True, text=True, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"aattsfs {args} failed: {proc.stderr}")
+    return proc
+
+
+class Mount:
+    def __init__(self, root: Path, cold: Path, fast_size="256M", policy="lru",
+                 extra=()) -> None:
+        self.cold = Path(cold)
+        self.mnt = root / "mnt"
+        self.fast = root / "fast"
+        self.state = root / "state"
+        self.log = root / "daemon.log"
+        self.fast_size = fast_size
+        self.policy = policy
+        self.extra = list(extra)
+        self.allowed: list[re.Pattern] = []
+        self.proc: subprocess.Popen | None = None
+        self.mnt.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> "Mount":
+        cmd = [sys.executable, "-m", "aattsfs", "mount", str(self.cold), str(self.mnt),
+               "--foreground", "--fast-dir", str(self.fast), "--state-dir", str(self.state),
+               "--fast-size", str(self.fast_size), "--policy", self.policy, *self.extra]
+        with open(self.log, "ab") as logf:
+            self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+
+        def live():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited ({self.proc.returncode}):\n"
+                                     f"{self.log.read_text()}")
+            return is_mounted(self.mnt)
+
+        wait_for(live, what=f"mount of {self.mnt}")
+        return self
+
+    def stop(self, kill=False) -> None:
+        if self.proc is None:
+            return
+        if kill:
+            self.proc.kill()
+        if is_mounted(self.mnt):
+            if subprocess.run(["fusermount3", "-u", str(self.mnt)],
+                              capture_output=True).returncode != 0:
+                subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def path(self, rel="") -> Path:
+        return self.mnt / rel
+
+    def stats(self) -> dict:
+        return json.loads((self.mnt / ".aatts" / "stats").read_bytes())
+
+    def tier(self, rel) -> str:
+        return os.getxattr(self.mnt / rel, "user.aatts.tier").decode()
+
+    def wait_tier(self, rel, tier="fast"):
+        wait_for(lambda: self.tier(rel) == tier, what=f"{rel} in tier {tier}")
+
+    def expect_log(self, pattern: str) -> None:
+        self.allowed.append(re.compile(pattern))
+
+    def unexpected_log_lines(self) -> list[str]:
+        if not self.log.exists():
+            return []
+        lines = self.log.read_text(errors="replace").splitlines()
+        return [ln for ln in lines if BAD_LOG.search(ln)
+                and not any(p.search(ln) for p in self.allowed)]
+
+
+@pytest.fixture
+def mounter(tmp_path, request):
+    mounts: list[Mount] = []
+
+    def make(cold, start=True, **kw) -> Mount:
+        m = Mount(tmp_path / f"m{len(mounts)}", cold, **kw)
+        mounts.append(m)
+        return m.start() if start else m
+
+    try:
+        yield make
+    finally:
+        for m in mounts:
+            m.stop()
+    for m in mounts:
+        bad = m.unexpected_log_lines()
+        if bad:
+            pytest.fail("daemon logged unexpected problems:\n" + "\n".join(bad[:20]))
+
+
+def write_random(path: Path, size: int, seed: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(random.Random(seed).randbytes(size))
+    return path
+
+
+@pytest.fixture
+def cold_tree(tmp_path) -> Path:
+    """A cold directory with files around the chunk size, many small files,
+    nested directories, an empty file and symlinks of every kind."""
+    cold = tmp_path / "cold"
+    write_random(cold / "big.bin", 9 * MiB + 12345, 1)
+    write_random(cold / "mid.bin", 3 * MiB, 2)
+    write_random(cold / "models" / "a" / "weights.bin", 4 * MiB, 3)
+    write_random(cold / "models" / "b" / "weights.bin", 4 * MiB, 4)
+    write_random(cold / "models" / "c" / "weights.bin", 4 * MiB, 5)
+    for i in range(300):
+        write_random(cold / "many" / f"f{i:04d}.txt", 100 + i, 100 + i)
+    (cold / "empty").write_bytes(b"")
+    (cold / "nested" / "deep" / "er").mkdir(parents=True)
+    (cold / "nested" / "deep" / "er" / "note.txt").write_text("deep\n")
+    os.symlink("nested/deep/er/note.txt", cold / "rel-link")
+    os.symlink(cold / "mid.bin", cold / "abs-link")
+    os.symlink("/etc/hostname", cold / "escape-abs")
+    os.symlink("../../outside", cold / "escape-rel")
+    os.chmod(cold / "mid.bin", 0o640)
+    return cold
+
+
+def manifest(root: Path) -> dict:
+    """Everything observable about a tree, to prove it was not modified."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            digest = sha256(p) if p.is_file() and not p.is_symlink() else os.readlink(p) \
+                if p.is_symlink() else None
+            out[str(p.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns, digest)
+    return out

@@ -1,0 +1,368 @@
+"""Real FUSE mounts: the view of the cold tree, reads, tiers, control surface."""
+
+import errno
+import mmap
+import os
+import random
+import stat
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+
+from aattsfs.mount import is_mounted
+from conftest import MiB, manifest, run_cli, sha256, wait_for, write_random
+
+
+def test_view_matches_cold_tree(cold_tree, mounter):
+    before = manifest(cold_tree)
+    m = mounter(cold_tree)
+    for rel in ["big.bin", "mid.bin", "empty", "models/a/weights.bin", "many/f0007.txt",
+                "nested/deep/er/note.txt", "nested", "many"]:
+        cst, mst = os.lstat(cold_tree / rel), os.lstat(m.path(rel))
+        for field in ("st_mode", "st_size", "st_mtime_ns", "st_uid", "st_gid", "st_nlink"):
+            assert getattr(cst, field) == getattr(mst, field), (rel, field)
+    assert stat.S_IMODE(os.lstat(m.path("mid.bin")).st_mode) == 0o640
+    assert sorted(os.listdir(m.path("many"))) == sorted(os.listdir(cold_tree / "many"))
+    assert len(os.listdir(m.path("many"))) == 300
+    top = set(os.listdir(m.path()))
+    assert top == {".aatts", "big.bin", "mid.bin", "models", "many", "empty", "nested",
+                   "rel-link", "abs-link"}
+    # links that stay inside are followed inside the mount; the others are hidden
+    assert os.readlink(m.path("rel-link")) == "nested/deep/er/note.txt"
+    assert m.path("rel-link").read_text() == "deep\n"
+    assert os.readlink(m.path("abs-link")) == "mid.bin"
+    assert sha256(m.path("abs-link")) == sha256(cold_tree / "mid.bin")
+    for hidden in ("escape-abs", "escape-rel"):
+        assert not os.path.lexists(m.path(hidden))
+    assert m.path("empty").read_bytes() == b""
+    sv = os.statvfs(m.path())
+    assert sv.f_blocks == os.statvfs(cold_tree).f_blocks
+    m.stop()
+    assert manifest(cold_tree) == before
+
+
+def test_readdir_offsets_are_stable(cold_tree, mounter):
+    m = mounter(cold_tree)
+    names = []
+    with os.scandir(m.path("many")) as it:
+        for i, entry in enumerate(it):
+            names.append(entry.name)
+            if i == 150:  # a listing that spans several readdir calls
+                time.sleep(0.01)
+    assert sorted(names) == sorted(os.listdir(cold_tree / "many"))
+    assert len(names) == len(set(names))
+
+
+def test_read_only(cold_tree, mounter):
+    before = manifest(cold_tree)
+    m = mounter(cold_tree)
+    attempts = [lambda: open(m.path("new"), "w"), lambda: open(m.path("mid.bin"), "r+b"),
+                lambda: os.mkdir(m.path("d")), lambda: os.unlink(m.path("mid.bin")),
+                lambda: os.rename(m.path("mid.bin"), m.path("x")),
+                lambda: os.utime(m.path("mid.bin")), lambda: os.symlink("a", m.path("l")),
+                lambda: os.truncate(m.path("mid.bin"), 0)]
+    for attempt in attempts:
+        with pytest.raises(OSError) as exc:
+            attempt()
+        assert exc.value.errno == errno.EROFS
+    m.stop()
+    assert manifest(cold_tree) == before
+
+
+def test_whole_random_and_mmap_reads(cold_tree, mounter):
+    m = mounter(cold_tree, fast_size="64M")
+    big = (cold_tree / "big.bin").read_bytes()
+    # first read: served while the file is being promoted
+    assert sha256(m.path("big.bin")) == sha256(cold_tree / "big.bin")
+    m.wait_tier("big.bin")
+    rng = random.Random(7)
+    with open(m.path("big.bin"), "rb") as f:
+        for _ in range(200):
+            off = rng.randrange(len(big))
+            size = rng.choice([1, 100, 4096, 131072, 1 << 20])
+            assert os.pread(f.fileno(), size, off) == big[off:off + size]
+    # random reads of a file nobody has read yet race the filler chunk by chunk
+    mid = (cold_tree / "mid.bin").read_bytes()
+    with open(m.path("mid.bin"), "rb") as f:
+        for off in (2 * MiB + 5, 17, 3 * MiB - 10, MiB):
+            assert os.pread(f.fileno(), 65536, off) == mid[off:off + 65536]
+    with open(m.path("big.bin"), "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+        assert mm[:] == big
+        assert mm[5 * MiB:5 * MiB + 77] == big[5 * MiB:5 * MiB + 77]
+    s = m.stats()
+    assert s["promotions"] >= 2 and s["promotions_failed"] == 0
+    # each cold byte was read once: only the promotion fetched big.bin and mid.bin
+    assert s["cold_bytes_read"] == len(big) + len(mid)
+
+
+def test_control_surface(cold_tree, mounter):
+    m = mounter(cold_tree, fast_size="64M")
+    assert ".aatts" in os.listdir(m.path())
+    assert sorted(os.listdir(m.path(".aatts"))) == ["stats", "tiers"]
+    assert sha256(m.path("mid.bin"))
+    m.wait_tier("mid.bin")
+    with open(m.path("mid.bin"), "rb") as f:
+        f.read(10)
+    s = m.stats()
+    assert s["opens"] == {"fast": 1, "cold": 1}
+    assert s["fast_tier"]["used_bytes"] == 3 * MiB
+    assert s["fast_tier"]["budget_bytes"] == 64 * MiB
+    assert s["bytes_served"]["fast"] >= 10
+    tiers = m.path(".aatts/tiers").read_text().splitlines()
+    assert tiers[0].startswith("# tier")
+    assert f"fast\t{3 * MiB}\t1\t1\t0\tmid.bin" in tiers
+    assert set(os.listxattr(m.path("mid.bin"))) == {"user.aatts.tier", "user.aatts.hits",
+                                                   "user.aatts.pinned"}
+    assert os.getxattr(m.path("mid.bin"), "user.aatts.hits") == b"1"
+    assert os.getxattr(m.path("big.bin"), "user.aatts.tier") == b"cold"
+    assert os.listxattr(m.path("models")) == []
+    out = subprocess.run(["getfattr", "-d", m.path("mid.bin")], capture_output=True, text=True)
+    assert 'user.aatts.tier="fast"' in out.stdout
+    with pytest.raises(OSError) as exc:
+        os.getxattr(m.path("mid.bin"), "security.selinux")
+    assert exc.value.errno == errno.EOPNOTSUPP
+    # actions through the CLI
+    run_cli("warm", m.path("models"))
+    assert all(m.tier(f"models/{x}/weights.bin") == "fast" for x in "abc")
+    run_cli("evict", m.path("models/b"))
+    assert m.tier("models/b/weights.bin") == "cold"
+    run_cli("pin", m.path("big.bin"))
+    assert m.tier("big.bin") == "fast"
+    assert os.getxattr(m.path("big.bin"), "user.aatts.pinned") == b"1"
+    run_cli("unpin", m.path("big.bin"))
+    assert os.getxattr(m.path("big.bin"), "user.aatts.pinned") == b"0"
+    status = run_cli("status", m.path()).stdout
+    assert "fast tier" in status and "big.bin" in status and "promotions" in status
+    assert '"fast_tier"' in run_cli("status", "--json", m.path()).stdout
+
+
+def test_cold_directory_named_like_control_dir_is_hidden(tmp_path, mounter):
+    cold = tmp_path / "cold"
+    (cold / ".aatts").mkdir(parents=True)
+    (cold / ".aatts" / "mine").write_text("user data")
+    m = mounter(cold)
+    m.expect_log("hidden by the control directory")
+    assert sorted(os.listdir(m.path(".aatts"))) == ["stats", "tiers"]
+    assert os.listdir(m.path()).count(".aatts") == 1
+
+
+def test_changed_cold_file_is_reread(cold_tree, mounter):
+    m = mounter(cold_tree, fast_size="64M")
+    assert m.path("mid.bin").read_bytes() == (cold_tree / "mid.bin").read_bytes()
+    m.wait_tier("mid.bin")
+    new = write_random(cold_tree / "mid.bin", 2 * MiB + 3, 99).read_bytes()
+    # the kernel caches attributes for up to the attribute timeout (1 s)
+    wait_for(lambda: m.path("mid.bin").read_bytes() == new, timeout=10,
+             what="the new content through the mount")
+    assert m.stats()["invalidations"] == 1
+    m.wait_tier("mid.bin")
+    assert sha256(m.path("mid.bin")) == sha256(cold_tree / "mid.bin")
+    fast_copy = m.fast / "data" / "mid.bin"
+    assert fast_copy.read_bytes() == new
+
+
+def _tier_map(m):
+    return {line.split("\t")[-1]: line.split("\t")[0]
+            for line in m.path(".aatts/tiers").read_text().splitlines()[1:]}
+
+
+@pytest.mark.parametrize("policy,expected_victim", [("lru", "a"), ("lfu", "b")])
+def test_eviction_order(tmp_path, mounter, policy, expected_victim):
+    cold = tmp_path / "cold"
+    for name in "abc":
+        write_random(cold / name, 4 * MiB, ord(name))
+    m = mounter(cold, fast_size="10M", policy=policy)
+    for name in "aaab":  # a: used three times, long ago; b: once, recently
+        assert sha256(m.path(name)) == sha256(cold / name)
+        m.wait_tier(name)
+    assert sha256(m.path("c")) == sha256(cold / "c")
+    m.wait_tier("c")
+    tiers = _tier_map(m)
+    assert tiers[expected_victim] == "cold"
+    assert [tiers[n] for n in "abc"].count("fast") == 2
+    assert m.stats()["evictions"] == 1
+
+
+def test_budget_holds_and_pins_survive(tmp_path, mounter):
+    cold = tmp_path / "cold"
+    names = [f"f{i:02d}" for i in range(24)]
+    for i, name in enumerate(names):
+        write_random(cold / name, 3 * MiB + i * 1000, i)
+    budget = 16 * MiB
+    m = mounter(cold, fast_size=str(budget))
+    run_cli("pin", m.path("f00"))
+    peak = {"stats": 0, "dir": 0}
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            used = m.stats()["fast_tier"]["used_bytes"]
+            on_disk = sum(os.lstat(os.path.join(d, f)).st_size
+                          for d, _, fs in os.walk(m.fast) for f in fs)
+            peak["stats"] = max(peak["stats"], used)
+            peak["dir"] = max(peak["dir"], on_disk)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        def reader(offset):
+            for name in names[offset::4] * 2:
+                assert sha256(m.path(name)) == sha256(cold / name)
+
+        threads = [threading.Thread(target=reader, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        done.set()
+        watcher.join()
+    s = m.stats()
+    assert s["promotions"] > 5 and s["evictions"] > 0
+    assert 0 < peak["stats"] <= budget
+    assert 0 < peak["dir"] <= budget
+    assert m.tier("f00") == "fast"
+    assert s["fast_tier"]["pinned_files"] == 1
+
+
+def test_too_large_or_no_room_is_served_cold(tmp_path, mounter):
+    cold = tmp_path / "cold"
+    write_random(cold / "huge", 12 * MiB, 1)
+    write_random(cold / "small", 4 * MiB, 2)
+    m = mounter(cold, fast_size="8M")
+    assert sha256(m.path("huge")) == sha256(cold / "huge")
+    assert m.tier("huge") == "cold"
+    run_cli("pin", m.path("small"))
+    proc = run_cli("warm", m.path("huge"), check=False)
+    assert proc.returncode == 2 and "does not fit" in proc.stderr
+    assert m.stats()["fast_tier"]["used_bytes"] == 4 * MiB
+
+
+def test_concurrent_readers_during_promotion_and_eviction(tmp_path, mounter):
+    cold = tmp_path / "cold"
+    names = [f"w{i}" for i in range(6)]
+    for i, name in enumerate(names):
+        write_random(cold / name, 6 * MiB + 777 * i, 50 + i)
+    m = mounter(cold, fast_size="20M")
+    content = {n: (cold / n).read_bytes() for n in names}
+    stop = threading.Event()
+    errors = []
+
+    def churn():  # explicit promotions and evictions while others read
+        rng = random.Random(1)
+        while not stop.is_set():
+            name = rng.choice(names)
+            try:
+                os.setxattr(m.path(name), "user.aatts.tier",
+                            rng.choice([b"fast", b"cold"]))
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    errors.append(exc)
+
+    def random_reader(seed):
+        rng = random.Random(seed)
+        for _ in range(150):
+            name = rng.choice(names)
+            with open(m.path(name), "rb") as f:
+                for _ in range(3):
+                    off = rng.randrange(len(content[name]))
+                    size = rng.choice([4096, 131072, 2 * MiB])
+                    if os.pread(f.fileno(), size, off) != content[name][off:off + size]:
+                        errors.append(f"bad bytes in {name} at {off}")
+
+    churner = threading.Thread(target=churn)
+    churner.start()
+    readers = [threading.Thread(target=random_reader, args=(s,)) for s in range(6)]
+    try:
+        with ProcessPoolExecutor(3) as pool:
+            hashes = pool.map(sha256, [m.path(n) for n in names * 2])
+            for t in readers:
+                t.start()
+            for t in readers:
+                t.join()
+            got = list(hashes)
+    finally:
+        stop.set()
+        churner.join()
+    assert not errors
+    assert got == [sha256(cold / n) for n in names * 2]
+    s = m.stats()
+    assert s["evictions"] > 0 and s["promotions"] > 0
+    assert s["fast_tier"]["used_bytes"] <= 20 * MiB
+
+
+def test_warm_restart_keeps_valid_copies(cold_tree, mounter):
+    m = mounter(cold_tree, fast_size="64M")
+    run_cli("warm", m.path("models"), m.path("mid.bin"))
+    run_cli("pin", m.path("big.bin"))
+    m.stop()
+    # a truncated copy, a stale copy and a leftover partial copy
+    with open(m.fast / "data" / "models" / "a" / "weights.bin", "r+b") as f:
+        f.truncate(1000)
+    write_random(cold_tree / "models" / "b" / "weights.bin", 4 * MiB, 1234)
+    (m.fast / "tmp" / "junk.part").write_bytes(b"x" * 100)
+    m.start()
+    assert m.tier("models/c/weights.bin") == "fast"
+    assert m.tier("mid.bin") == "fast"
+    assert m.tier("big.bin") == "fast"
+    assert m.tier("models/a/weights.bin") == "cold"
+    assert m.tier("models/b/weights.bin") == "cold"
+    assert not (m.fast / "tmp" / "junk.part").exists()
+    expected = 4 * MiB + 3 * MiB + (9 * MiB + 12345)
+    assert m.stats()["fast_tier"]["used_bytes"] == expected
+    for rel in ("models/a/weights.bin", "models/b/weights.bin", "big.bin"):
+        assert sha256(m.path(rel)) == sha256(cold_tree / rel)
+    assert os.getxattr(m.path("big.bin"), "user.aatts.pinned") == b"1"
+
+
+def test_restart_after_crash(cold_tree, mounter):
+    m = mounter(cold_tree, fast_size="64M")
+    run_cli("warm", m.path("mid.bin"), m.path("models/a"))
+    time.sleep(1.5)  # let one metadata flush pass, as a long-running daemon would
+    m.stop(kill=True)
+    m.start()
+    assert m.tier("mid.bin") == "fast"
+    assert m.tier("models/a/weights.bin") == "fast"
+    assert sha256(m.path("mid.bin")) == sha256(cold_tree / "mid.bin")
+
+
+def test_corrupt_metadata_still_mounts(cold_tree, mounter):
+    m = mounter(cold_tree)
+    m.stop()
+    (m.state / "lmdb" / "data.mdb").write_bytes(b"garbage" * 4096)
+    m.expect_log("metadata at .* is unusable")
+    m.start()
+    assert sha256(m.path("mid.bin")) == sha256(cold_tree / "mid.bin")
+    assert any(p.name.startswith("lmdb.broken-") for p in m.state.iterdir())
+
+
+def test_daemonised_mount_and_umount(cold_tree, tmp_path):
+    mnt, state = tmp_path / "mnt", tmp_path / "state"
+    mnt.mkdir()
+    run_cli("mount", cold_tree, mnt, "--fast-dir", tmp_path / "fast", "--state-dir", state,
+            "--fast-size", "32M")
+    try:
+        assert is_mounted(mnt)
+        assert sha256(mnt / "mid.bin") == sha256(cold_tree / "mid.bin")
+    finally:
+        run_cli("umount", mnt, check=False)
+        if is_mounted(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
+    assert not is_mounted(mnt)
+    # the daemon flushes and exits by itself; its lock is then free again
+    wait_for(lambda: b"unmounted" in (state / "aattsfs.log").read_bytes(), timeout=20,
+             what="the daemon to exit")
+    assert b"Traceback" not in (state / "aattsfs.log").read_bytes()
+
+
+def test_sigterm_unmounts_cleanly(cold_tree, mounter):
+    m = mounter(cold_tree)
+    assert m.path("mid.bin").read_bytes()[:4]
+    m.proc.terminate()
+    assert m.proc.wait(timeout=20) == 0
+    assert not is_mounted(m.mnt)
+    assert "SIGTERM received" in m.log.read_text()

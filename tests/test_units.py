@@ -1,0 +1,141 @@
+"""Unit tests of the pure parts: sizes, policies, namespace, metadata."""
+
+import os
+
+import lmdb
+import pytest
+
+from aattsfs.errors import UserError
+from aattsfs.metadata import TRACE_CAPACITY, FileRecord, MetaStore
+from aattsfs.namespace import FIRST_DYNAMIC, ROOT, Namespace
+from aattsfs.policy import LFUPolicy, LRUPolicy
+from aattsfs.tiers import ColdTier, FastTier
+from aattsfs.units import format_size, parse_size
+
+
+@pytest.mark.parametrize("text,value", [("512M", 512 << 20), ("2G", 2 << 30), ("1.5G", 3 << 29),
+                                        ("4096", 4096), ("64k", 64 << 10), ("1GiB", 1 << 30)])
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["0", "-1G", "lots", "", "G", "1X"])
+def test_parse_size_rejects(text):
+    with pytest.raises(UserError):
+        parse_size(text)
+
+
+def test_format_size():
+    assert format_size(512) == "512 B"
+    assert format_size(3 << 20) == "3.0 MiB"
+
+
+def test_lru_order():
+    p = LRUPolicy()
+    for k in "abc":
+        p.admit(k, 1)
+    p.access("a")
+    p.access("zzz")  # not resident: ignored
+    assert list(p.victims()) == ["b", "c", "a"]
+    p.remove("c")
+    assert list(p.victims()) == ["b", "a"]
+
+
+def test_lfu_order_breaks_ties_by_recency():
+    p = LFUPolicy()
+    for k in "abc":
+        p.admit(k, 1)
+    p.access("a")
+    p.access("a")
+    p.access("c")
+    assert list(p.victims()) == ["b", "c", "a"]
+    p.admit("d", 1)  # one use, but newer than b
+    assert list(p.victims())[:2] == ["b", "d"]
+
+
+def test_namespace_lookup_counts():
+    ns = Namespace()
+    ino = ns.lookup("a/b")
+    assert ino >= FIRST_DYNAMIC and ns.path(ino) == "a/b"
+    assert ns.lookup("a/b") == ino
+    ns.forget(ino, 1)
+    assert ns.path(ino) == "a/b"  # one reference left
+    ns.forget(ino, 1)
+    with pytest.raises(KeyError):
+        ns.path(ino)
+    assert ns.lookup("a/b") != ino  # numbers are never reused
+    ns.forget(ROOT, 5)
+    assert ns.path(ROOT) == ""
+
+
+def test_metadata_roundtrip(tmp_path):
+    m = MetaStore(str(tmp_path / "db"))
+    rec = FileRecord(size=10, mtime_ns=5, tier="fast", pinned=True, hits=3)
+    m.write_batch({"a": rec, "b": FileRecord()}, {("a", "b"): 2},
+                  [{"op": "open", "path": "a"}])
+    m.write_batch({"b": None}, {("a", "b"): 1, ("a", "c"): 1})
+    m.close()
+    m = MetaStore(str(tmp_path / "db"))
+    assert m.records == {"a": rec}
+    assert m.transitions_from("a") == {"b": 3, "c": 1}
+    assert m.transitions_from("b") == {}
+    assert m.events() == [{"op": "open", "path": "a"}]
+    m.close()
+
+
+def test_trace_is_bounded(tmp_path, monkeypatch):
+    import aattsfs.metadata as md
+    monkeypatch.setattr(md, "TRACE_CAPACITY", 10)
+    m = MetaStore(str(tmp_path / "db"))
+    for i in range(3):
+        m.write_batch({}, None, [{"i": i * 7 + j} for j in range(7)])
+    assert [e["i"] for e in m.events()] == list(range(11, 21))
+    m.close()
+    assert TRACE_CAPACITY >= 10_000
+
+
+def test_corrupt_metadata_is_moved_aside(tmp_path, caplog):
+    db = tmp_path / "db"
+    db.mkdir()
+    (db / "data.mdb").write_bytes(b"this is not an lmdb file" * 1000)
+    m = MetaStore(str(db))
+    assert m.records == {}
+    m.write_batch({"x": FileRecord(size=1)})
+    m.close()
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("db.broken-")]
+    assert len(aside) == 1 and (aside[0] / "data.mdb").exists()
+    assert "unusable" in caplog.text
+
+
+def test_other_schema_version_is_moved_aside(tmp_path):
+    db = tmp_path / "db"
+    env = lmdb.open(str(db), max_dbs=4)
+    with env.begin(write=True) as txn:
+        txn.put(b"schema", b"999", db=env.open_db(b"meta", txn=txn))
+    env.close()
+    m = MetaStore(str(db))
+    assert m.records == {}
+    m.close()
+    assert any(p.name.startswith("db.broken-") for p in tmp_path.iterdir())
+
+
+def test_cold_symlinks(tmp_path):
+    (tmp_path / "cold" / "d").mkdir(parents=True)
+    (tmp_path / "cold" / "d" / "f").write_text("x")
+    os.symlink("d/f", tmp_path / "cold" / "rel")
+    os.symlink(tmp_path / "cold" / "d" / "f", tmp_path / "cold" / "d" / "abs")
+    os.symlink("../..", tmp_path / "cold" / "d" / "up")
+    os.symlink("/etc", tmp_path / "cold" / "etc")
+    cold = ColdTier(str(tmp_path / "cold"))
+    assert cold.readlink("rel") == "d/f"
+    assert cold.readlink("d/abs") == "f"
+    assert cold.readlink("d/up") is None
+    assert cold.readlink("etc") is None
+
+
+def test_fast_tier_budget(tmp_path):
+    fast = FastTier(str(tmp_path / "fast"), 100)
+    assert fast.reserve(60) and not fast.reserve(41) and fast.reserve(40)
+    assert fast.free == 0
+    fast.release(100)
+    assert fast.used == 0
