@@ -138,6 +138,11 @@ def _files(paths):
 
 
 def _act(paths, name: bytes, value: bytes, verb: str):
+    from .mount import aattsfs_mount_of
+
+    for path in paths:  # never set an xattr on a file outside a mount
+        if os.path.lexists(path) and aattsfs_mount_of(path) is None:
+            raise UserError(f"{path} is not on an aattsfs mount")
     count = 0
     for path in _files(paths):
         if os.path.islink(path) or os.path.getsize(path) == 0:
@@ -145,8 +150,6 @@ def _act(paths, name: bytes, value: bytes, verb: str):
         try:
             os.setxattr(path, name, value)
         except OSError as exc:
-            if exc.errno in (errno.EOPNOTSUPP, errno.ENOTSUP):
-                raise UserError(f"{path} is not on an aattsfs mount") from None
             if exc.errno == errno.ENOSPC:
                 raise UserError(f"cannot {verb} {path}: it does not fit in the fast tier "
                                 "next to pinned files; unpin some or raise --fast-size") from None

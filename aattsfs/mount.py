@@ -69,18 +69,34 @@ def default_state_dir(mountpoint: str) -> str:
     return os.path.join(base, mount_key(mountpoint))
 
 
+def _mount_table() -> list[tuple[str, str]]:
+    """(mount point, filesystem type) for every mount this process sees."""
+    out = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.decode(errors="surrogateescape").split()
+            sep = fields.index("-")
+            # the table escapes space, tab, newline and backslash as octal
+            target = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+            out.append((target, fields[sep + 1]))
+    return out
+
+
 def is_mounted(path: str) -> bool:
     """Whether path is a mount point, from the mount table: unlike
     os.path.ismount this also sees a FUSE mount whose daemon died."""
     real = os.path.realpath(path)
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            target = line.split()[4].decode()
-            # the table escapes space, tab, newline and backslash as octal
-            target = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), target)
-            if target == real:
-                return True
-    return False
+    return any(target == real for target, _ in _mount_table())
+
+
+def aattsfs_mount_of(path: str) -> str | None:
+    """The aattsfs mount point that path lies on, or None."""
+    real = os.path.realpath(path)
+    best = ("", "")
+    for target, fstype in _mount_table():
+        if _inside(real, target) and len(target) >= len(best[0]):
+            best = (target, fstype)
+    return best[0] if best[1] == "fuse.aattsfs" else None
 
 
 def _inside(path: str, root: str) -> bool:
@@ -132,7 +148,7 @@ def prepare(cfg: MountConfig) -> MountConfig:
     mnt = os.path.realpath(cfg.mountpoint)
     if is_mounted(mnt):
         try:
-            os.stat(mnt)
+            os.statvfs(mnt)  # never answered from a cache, unlike stat
         except OSError as exc:
             if exc.errno == errno.ENOTCONN:
                 raise UserError(f"{cfg.mountpoint} is a mount whose daemon died; clean it up "

@@ -181,5 +181,7 @@ def manifest(root: Path) -> dict:
             st = p.lstat()
             digest = sha256(p) if p.is_file() and not p.is_symlink() else os.readlink(p) \
                 if p.is_symlink() else None
-            out[str(p.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns, digest)
+            xattrs = sorted(os.listxattr(p, follow_symlinks=False))
+            out[str(p.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns, digest,
+                                             xattrs)
     return out
