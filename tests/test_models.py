@@ -1,0 +1,94 @@
+"""Unmodified model-loading code through the mount: the same tensors as a
+load from the cold directory, on the first (promoting) read and after."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import modelgen  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def model_cold(tmp_path_factory):
+    cold = tmp_path_factory.mktemp("models") / "cold"
+    modelgen.minilm(cold / "minilm")
+    modelgen.gpt2(cold / "gpt2", layers=2, width=128, shard="300KB")
+    modelgen.pertensor(cold / "pertensor", layers=2, width=64)
+    return cold
+
+
+def assert_same_tensors(a: dict, b: dict):
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def all_fast(m, rel_dir):
+    return all(m.tier(f"{rel_dir}/{n}") == "fast" for n in os.listdir(m.path(rel_dir)))
+
+
+def test_sharded_layout_is_real(model_cold):
+    shards = sorted(p.name for p in (model_cold / "gpt2").glob("*.safetensors"))
+    assert len(shards) >= 3
+    assert (model_cold / "gpt2" / "model.safetensors.index.json").exists()
+
+
+def test_safetensors_mmap(model_cold, mounter):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    m = mounter(model_cold)
+    rel = "minilm/model.safetensors"
+    want = load_file(model_cold / rel)
+    for _ in range(2):  # first: while promoting; then from the fast tier
+        assert_same_tensors(load_file(m.path(rel)), want)
+        m.wait_tier(rel)
+    with safe_open(m.path(rel), "pt") as f:  # lazy, mmap-backed access
+        name = sorted(f.keys())[len(want) // 2]
+        assert torch.equal(f.get_tensor(name), want[name])
+
+
+def test_torch_load_per_tensor_files(model_cold, mounter):
+    m = mounter(model_cold)
+    names = sorted(os.listdir(model_cold / "pertensor"))
+    for mmap in (False, True):
+        got = {n: torch.load(m.path(f"pertensor/{n}"), mmap=mmap, weights_only=True)
+               for n in names}
+        want = {n: torch.load(model_cold / "pertensor" / n, weights_only=True) for n in names}
+        assert_same_tensors(got, want)
+    assert all_fast(m, "pertensor")
+
+
+def test_from_pretrained_sharded(model_cold, mounter):
+    from transformers import AutoModelForCausalLM
+
+    m = mounter(model_cold)
+    want = AutoModelForCausalLM.from_pretrained(model_cold / "gpt2").state_dict()
+    first = AutoModelForCausalLM.from_pretrained(m.path("gpt2"))
+    assert_same_tensors(first.state_dict(), want)
+    assert m.stats()["opens"]["cold"] > 0
+    from conftest import wait_for
+    wait_for(lambda: all_fast(m, "gpt2"), what="every gpt2 file in the fast tier")
+    second = AutoModelForCausalLM.from_pretrained(m.path("gpt2"))
+    assert_same_tensors(second.state_dict(), want)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(second(ids).logits, first(ids).logits)
+
+
+def test_sentence_transformers_encode(model_cold, mounter):
+    from sentence_transformers import SentenceTransformer
+
+    m = mounter(model_cold)
+    sentences = ["a tiered filesystem for model weights", "the cat sat on the mat"]
+    want = SentenceTransformer(str(model_cold / "minilm"), device="cpu").encode(sentences)
+    got = SentenceTransformer(str(m.path("minilm")), device="cpu").encode(sentences)
+    assert got.shape == (2, 384)
+    assert (got == want).all()
