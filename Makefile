@@ -1,0 +1,33 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+# Each installs what it needs: system packages via apt-get (when missing),
+# and a virtual environment in .venv for the Python side.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# The stamp changes name whenever the dependency list does: a re-install then.
+STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | sha1sum | cut -c1-12)
+
+.PHONY: demo test system-deps venv clean
+
+demo: venv
+	$(PY) scripts/demo.py
+
+test: venv
+	$(PY) -m pytest
+
+venv: system-deps $(STAMP)
+
+system-deps:
+	@scripts/install-system-deps.sh
+
+$(STAMP): setup.cfg pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+	$(PY) -m pip install -q -e '.[dev]' 2>&1 | grep -v "is ignored" || true
+	@$(PY) -c "import aattsfs, pyfuse3, torch, transformers" || { echo "aattsfs: error: the Python install failed; see the pip output above" >&2; exit 2; }
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+clean:
+	rm -rf work .pytest_cache test-artifacts
