@@ -48,17 +48,19 @@ def cli():
               "[default: /var/lib/aattsfs/<mount> for root].")
 @click.option("--policy", type=click.Choice(sorted(POLICIES)), default="lru",
               show_default=True, help="Eviction policy of the fast tier.")
+@click.option("--read-ahead", type=SizeType(), default="1M", show_default=True,
+              help="Kernel readahead of the mount, the size of read requests.")
 @click.option("--allow-other", is_flag=True, help="Let other users access the mount.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground "
               "(for systemd and debugging); log to stderr.")
 @click.option("--debug", is_flag=True, help="Log every request.")
-def mount(cold_dir, mountpoint, fast_dir, fast_size, state_dir, policy, allow_other,
-          foreground, debug):
+def mount(cold_dir, mountpoint, fast_dir, fast_size, state_dir, policy, read_ahead,
+          allow_other, foreground, debug):
     """Mount COLD_DIR on MOUNTPOINT."""
     from .mount import MountConfig, daemonize, run_foreground
 
     cfg = MountConfig(cold_dir, mountpoint, fast_size, fast_dir, state_dir, policy,
-                      allow_other, debug)
+                      allow_other, debug, read_ahead=read_ahead)
     if foreground:
         run_foreground(cfg)
     else:

@@ -366,3 +366,11 @@ def test_sigterm_unmounts_cleanly(cold_tree, mounter):
     assert m.proc.wait(timeout=20) == 0
     assert not is_mounted(m.mnt)
     assert "SIGTERM received" in m.log.read_text()
+
+
+def test_read_ahead_is_raised(cold_tree, mounter):
+    from aattsfs.mount import _mount_table
+    m = mounter(cold_tree, extra=["--read-ahead", "2M"])
+    dev = next(d for t, _, d in _mount_table() if t == str(m.mnt))
+    with open(f"/sys/class/bdi/{dev}/read_ahead_kb") as f:
+        assert int(f.read()) == 2048
