@@ -260,12 +260,11 @@ def run_foreground(cfg: MountConfig) -> None:
     except RuntimeError as exc:
         meta.close()
         raise UserError(f"mounting {cfg.mountpoint} failed: {exc}") from None
-    _set_read_ahead(cfg.mountpoint, cfg.read_ahead)
     log.info("mounted %s on %s (fast tier %s, budget %s, policy %s)", cfg.cold,
              cfg.mountpoint, cfg.fast_dir, format_size(cfg.fast_size), cfg.policy)
     unmount = True
     try:
-        unmount = trio.run(_serve, store)
+        unmount = trio.run(_serve, store, cfg)
     finally:
         store.close()
         meta.close()
@@ -274,7 +273,7 @@ def run_foreground(cfg: MountConfig) -> None:
         log.info("unmounted %s", cfg.mountpoint)
 
 
-async def _serve(store: Store) -> bool:
+async def _serve(store: Store, cfg: MountConfig) -> bool:
     """Run until unmounted from outside (returns False) or told to stop by a
     signal (returns True: we still have to unmount)."""
     stopped_by_signal = False
@@ -289,8 +288,15 @@ async def _serve(store: Store) -> bool:
                     stopped_by_signal = True
                     nursery.cancel_scope.cancel()
 
+        async def when_live():
+            # The kernel sets the mount's readahead when it processes the INIT
+            # reply; a first request answered means that is done.
+            await trio.to_thread.run_sync(os.statvfs, cfg.mountpoint)
+            _set_read_ahead(cfg.mountpoint, cfg.read_ahead)
+            _notify_systemd(b"READY=1")
+
         nursery.start_soon(watch_signals)
-        _notify_systemd(b"READY=1")
+        nursery.start_soon(when_live)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
     _notify_systemd(b"STOPPING=1")
