@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 # The stamp changes name whenever the dependency list does: a re-install then.
 STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: demo test system-deps venv clean
+.PHONY: demo test bench system-deps venv clean
 
 demo: venv
 	$(PY) scripts/demo.py
@@ -31,3 +31,7 @@ $(STAMP): setup.cfg pyproject.toml
 
 clean:
 	rm -rf work .pytest_cache test-artifacts
+
+# First figures (issue 2): cold start of one sharded model, see docs/benchmarks.md.
+bench: venv
+	$(PY) bench/cold_start.py --reps 5

@@ -1,0 +1,189 @@
+"""Cold start of one sharded model: aattsfs against direct loads, side by side.
+
+Every load is `from_pretrained` plus touching every weight in a fresh process
+(scripts/loadmodel.py). Each repetition measures, in this order:
+
+  cold dir, page cache dropped   the baseline: what the model code does today
+  tmpfs copy                     the physical limit: the model already in RAM
+  cold dir, page cache warm      the kernel page cache of the cold dir
+  aattsfs 1st load               fresh mount, empty fast tier, page cache dropped
+  aattsfs promoted               fast tier filled, page cache dropped
+  aattsfs all warm               fast tier filled, page cache kept
+
+Figures are medians over the repetitions (min and max beside them); ratios
+are taken between medians measured in the same run. Results go to
+bench/results/cold_start.{json,md} and into docs/benchmarks.md.
+
+    .venv/bin/python bench/cold_start.py [--reps 5] [--layers 8 --width 768 --shard 100MB]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO))
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+
+from aattsfs.mount import is_mounted  # noqa: E402
+
+WORK = REPO / "work" / "bench"
+RESULTS = REPO / "bench" / "results"
+DOC = REPO / "docs" / "benchmarks.md"
+TMPFS_COPY = Path("/dev/shm/aattsfs-bench-copy")
+FAST = Path("/dev/shm/aattsfs-bench-fast")
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def load(path: Path) -> float:
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "loadmodel.py"), "hf",
+                          str(path)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+
+
+def aattsfs(*args) -> None:
+    subprocess.run([sys.executable, "-m", "aattsfs", *map(str, args)], check=True,
+                   cwd=REPO)
+
+
+def wait_promotions(mnt: Path) -> None:
+    deadline = time.monotonic() + 600
+    while json.loads((mnt / ".aatts" / "stats").read_bytes())["promotions_in_flight"]:
+        if time.monotonic() > deadline:
+            raise SystemExit("promotions did not finish within 600 s")
+        time.sleep(0.1)
+
+
+def one_rep(model: Path, mnt: Path, state: Path) -> dict[str, float]:
+    t = {}
+    drop_caches()
+    t["cold dir, page cache dropped"] = load(model)
+    t["tmpfs copy"] = load(TMPFS_COPY / model.name)
+    load(model)
+    t["cold dir, page cache warm"] = load(model)
+    shutil.rmtree(FAST, ignore_errors=True)
+    shutil.rmtree(state, ignore_errors=True)
+    aattsfs("mount", model.parent, mnt, "--fast-dir", FAST, "--fast-size", "2G",
+            "--state-dir", state)
+    try:
+        drop_caches()
+        t["aattsfs 1st load"] = load(mnt / model.name)
+        wait_promotions(mnt)
+        drop_caches()
+        t["aattsfs promoted"] = load(mnt / model.name)
+        t["aattsfs all warm"] = load(mnt / model.name)
+    finally:
+        aattsfs("umount", mnt)
+    return t
+
+
+RATIOS = [  # (phase, baseline)
+    ("aattsfs 1st load", "cold dir, page cache dropped"),
+    ("aattsfs promoted", "cold dir, page cache dropped"),
+    ("aattsfs promoted", "tmpfs copy"),
+    ("aattsfs all warm", "cold dir, page cache warm"),
+    ("aattsfs all warm", "tmpfs copy"),
+]
+
+
+def render(summary: dict, args, size: int, command: str) -> str:
+    lines = [
+        f"Model: GPT-2 config, {args.layers} layers x {args.width}, random weights, "
+        f"{summary['shards']} safetensors shards, {size / 2**20:.0f} MiB; cold directory on "
+        f"the local disk (not throttled); {args.reps} repetitions, phases interleaved; "
+        f"{summary['when']} on {summary['host']}.",
+        "",
+        f"Reproduce: `{command}`",
+        "",
+        "| load (fresh process, every weight touched) | median s | min | max |",
+        "|---|---:|---:|---:|",
+    ]
+    for phase, s in summary["phases"].items():
+        lines.append(f"| {phase} | {s['median']:.2f} | {s['min']:.2f} | {s['max']:.2f} |")
+    lines += ["", "| ratio of medians | value |", "|---|---:|"]
+    for r in summary["ratios"]:
+        lines.append(f"| {r['phase']} / {r['baseline']} | {r['ratio']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def update_doc(section: str) -> None:
+    begin, end = "<!-- cold_start:begin -->", "<!-- cold_start:end -->"
+    text = DOC.read_text() if DOC.exists() else f"# Benchmarks\n\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    DOC.write_text(f"{head}{begin}\n{section}{end}{rest.split(end, 1)[1]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--width", type=int, default=768)
+    ap.add_argument("--shard", default="100MB")
+    args = ap.parse_args()
+    if args.reps < 3:
+        raise SystemExit("bench: use at least 3 repetitions (medians of fewer mean little)")
+    if os.geteuid() != 0:
+        raise SystemExit("bench: run as root (it drops the page cache and mounts)")
+    import modelgen
+
+    model = WORK / f"cold-{args.layers}x{args.width}" / "gpt2"
+    if not (model / "config.json").exists():
+        print("generating the model ...", flush=True)
+        shutil.rmtree(model, ignore_errors=True)
+        modelgen.gpt2(model, args.layers, args.width, vocab=50257, shard=args.shard)
+    size = sum(p.stat().st_size for p in model.iterdir())
+    shutil.rmtree(TMPFS_COPY, ignore_errors=True)
+    shutil.copytree(model, TMPFS_COPY / model.name)
+    mnt, state = WORK / "mnt", WORK / "state"
+    if is_mounted(mnt):
+        aattsfs("umount", "--lazy", mnt)
+    mnt.mkdir(parents=True, exist_ok=True)
+    runs = []
+    try:
+        for i in range(args.reps):
+            runs.append(one_rep(model, mnt, state))
+            print(f"rep {i + 1}/{args.reps}: " +
+                  ", ".join(f"{k} {v:.2f}s" for k, v in runs[-1].items()), flush=True)
+    finally:
+        shutil.rmtree(TMPFS_COPY, ignore_errors=True)
+        shutil.rmtree(FAST, ignore_errors=True)
+    phases = {k: {"median": statistics.median(r[k] for r in runs),
+                  "min": min(r[k] for r in runs), "max": max(r[k] for r in runs)}
+              for k in runs[0]}
+    summary = {
+        "when": time.strftime("%Y-%m-%d"),
+        "host": f"{os.cpu_count()} cores, {platform.release()}",
+        "shards": len(list(model.glob("*.safetensors"))),
+        "size_bytes": size,
+        "runs": runs,
+        "phases": phases,
+        "ratios": [{"phase": p, "baseline": b,
+                    "ratio": phases[p]["median"] / phases[b]["median"]} for p, b in RATIOS],
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "cold_start.json").write_text(json.dumps(summary, indent=2) + "\n")
+    command = "make bench" if args.reps == 5 and args.layers == 8 else \
+        f".venv/bin/python bench/cold_start.py --reps {args.reps} --layers {args.layers} " \
+        f"--width {args.width} --shard {args.shard}"
+    section = render(summary, args, size, command)
+    (RESULTS / "cold_start.md").write_text(section)
+    update_doc(section)
+    print(section)
+
+
+if __name__ == "__main__":
+    main()
