@@ -32,6 +32,8 @@ $(STAMP): setup.cfg pyproject.toml
 clean:
 	rm -rf work .pytest_cache test-artifacts
 
-# First figures (issue 2): cold start of one sharded model, see docs/benchmarks.md.
+# Cold start of one sharded model, from the local disk and from a cold tier
+# throttled to 200 MB/s; figures go to docs/benchmarks.md.
 bench: venv
 	$(PY) bench/cold_start.py --reps 5
+	$(PY) bench/cold_start.py --reps 5 --throttle 200

@@ -53,7 +53,7 @@ def cli():
 @click.option("--allow-other", is_flag=True, help="Let other users access the mount.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground "
               "(for systemd and debugging); log to stderr.")
-@click.option("--debug", is_flag=True, help="Log every request.")
+@click.option("--debug", is_flag=True, help="Log every FUSE request (very verbose).")
 def mount(cold_dir, mountpoint, fast_dir, fast_size, state_dir, policy, read_ahead,
           allow_other, foreground, debug):
     """Mount COLD_DIR on MOUNTPOINT."""

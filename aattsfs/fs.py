@@ -24,9 +24,16 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 
+# handlers whose last argument is the request context (not worth logging)
+_CTX_LAST = {"lookup", "getattr", "readlink", "opendir", "statfs", "open", "getxattr",
+             "listxattr", "setxattr"}
+
+
 def _handler(fn):
     @functools.wraps(fn)
     async def wrapper(self, *args):
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s%r", fn.__name__, args[:-1] if fn.__name__ in _CTX_LAST else args)
         try:
             return await fn(self, *args)
         except FUSEError:

@@ -14,12 +14,18 @@ Figures are medians over the repetitions (min and max beside them); ratios
 are taken between medians measured in the same run. Results go to
 bench/results/cold_start.{json,md} and into docs/benchmarks.md.
 
-    .venv/bin/python bench/cold_start.py [--reps 5] [--layers 8 --width 768 --shard 100MB]
+    .venv/bin/python bench/cold_start.py [--reps 5] [--throttle MBPS]
+        [--layers 8 --width 768 --shard 100MB]
+
+With --throttle, the cold directory lives on an emulated slow disk (an ext4
+image on a loop device read through a cgroup-v1 blkio limit, bench/slowcold.py)
+and every load and the daemon run inside that cgroup.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -33,6 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 from aattsfs.mount import is_mounted  # noqa: E402
@@ -49,14 +56,17 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
+WRAP = list  # how to run a command that touches the cold tier (a cgroup when throttled)
+
+
 def load(path: Path) -> float:
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "loadmodel.py"), "hf",
-                          str(path)], capture_output=True, text=True, check=True)
+    out = subprocess.run(WRAP([sys.executable, str(REPO / "scripts" / "loadmodel.py"), "hf",
+                               str(path)]), capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
 
 
 def aattsfs(*args) -> None:
-    subprocess.run([sys.executable, "-m", "aattsfs", *map(str, args)], check=True,
+    subprocess.run(WRAP([sys.executable, "-m", "aattsfs", *map(str, args)]), check=True,
                    cwd=REPO)
 
 
@@ -103,8 +113,8 @@ RATIOS = [  # (phase, baseline)
 def render(summary: dict, args, size: int, command: str) -> str:
     lines = [
         f"Model: GPT-2 config, {args.layers} layers x {args.width}, random weights, "
-        f"{summary['shards']} safetensors shards, {size / 2**20:.0f} MiB; cold directory on "
-        f"the local disk (not throttled); {args.reps} repetitions, phases interleaved; "
+        f"{summary['shards']} safetensors shards, {size / 2**20:.0f} MiB; cold directory "
+        f"{summary['cold']}; {args.reps} repetitions, phases interleaved; "
         f"{summary['when']} on {summary['host']}.",
         "",
         f"Reproduce: `{command}`",
@@ -120,9 +130,11 @@ def render(summary: dict, args, size: int, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_doc(section: str) -> None:
-    begin, end = "<!-- cold_start:begin -->", "<!-- cold_start:end -->"
-    text = DOC.read_text() if DOC.exists() else f"# Benchmarks\n\n{begin}\n{end}\n"
+def update_doc(section: str, key: str) -> None:
+    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    if begin not in text:
+        text += f"\n{begin}\n{end}\n"
     head, rest = text.split(begin, 1)
     DOC.write_text(f"{head}{begin}\n{section}{end}{rest.split(end, 1)[1]}")
 
@@ -133,6 +145,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--width", type=int, default=768)
     ap.add_argument("--shard", default="100MB")
+    ap.add_argument("--throttle", type=int, default=0, metavar="MBPS",
+                    help="put the cold directory on a disk throttled to MBPS MB/s")
     args = ap.parse_args()
     if args.reps < 3:
         raise SystemExit("bench: use at least 3 repetitions (medians of fewer mean little)")
@@ -146,6 +160,31 @@ def main() -> None:
         shutil.rmtree(model, ignore_errors=True)
         modelgen.gpt2(model, args.layers, args.width, vocab=50257, shard=args.shard)
     size = sum(p.stat().st_size for p in model.iterdir())
+    with contextlib.ExitStack() as stack:
+        if args.throttle:
+            from slowcold import SlowCold
+
+            slow = stack.enter_context(SlowCold(WORK, size_mb=size // 2**20 * 2 + 256,
+                                                read_mbps=args.throttle))
+            model = slow.fill(model, "gpt2")
+            global WRAP
+            WRAP = slow.wrap
+            cold = f"on an ext4 loop device throttled to {args.throttle} MB/s (cgroup-v1 blkio)"
+        else:
+            cold = "on the local disk (not throttled)"
+        summary = measure(model, size, args, cold)
+    key = f"cold_start_{args.throttle}mbps" if args.throttle else "cold_start_local"
+    command = (f"make bench  # or: .venv/bin/python bench/cold_start.py --reps {args.reps}"
+               + (f" --throttle {args.throttle}" if args.throttle else ""))
+    section = render(summary, args, size, command)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{key}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (RESULTS / f"{key}.md").write_text(section)
+    update_doc(section, key)
+    print(section)
+
+
+def measure(model: Path, size: int, args, cold: str) -> dict:
     shutil.rmtree(TMPFS_COPY, ignore_errors=True)
     shutil.copytree(model, TMPFS_COPY / model.name)
     mnt, state = WORK / "mnt", WORK / "state"
@@ -164,9 +203,10 @@ def main() -> None:
     phases = {k: {"median": statistics.median(r[k] for r in runs),
                   "min": min(r[k] for r in runs), "max": max(r[k] for r in runs)}
               for k in runs[0]}
-    summary = {
+    return {
         "when": time.strftime("%Y-%m-%d"),
         "host": f"{os.cpu_count()} cores, {platform.release()}",
+        "cold": cold,
         "shards": len(list(model.glob("*.safetensors"))),
         "size_bytes": size,
         "runs": runs,
@@ -174,15 +214,6 @@ def main() -> None:
         "ratios": [{"phase": p, "baseline": b,
                     "ratio": phases[p]["median"] / phases[b]["median"]} for p, b in RATIOS],
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "cold_start.json").write_text(json.dumps(summary, indent=2) + "\n")
-    command = "make bench" if args.reps == 5 and args.layers == 8 else \
-        f".venv/bin/python bench/cold_start.py --reps {args.reps} --layers {args.layers} " \
-        f"--width {args.width} --shard {args.shard}"
-    section = render(summary, args, size, command)
-    (RESULTS / "cold_start.md").write_text(section)
-    update_doc(section)
-    print(section)
 
 
 if __name__ == "__main__":
