@@ -110,7 +110,8 @@ def status(mountpoint, as_json):
                          f"{format_size(s['bytes_served']['cold'])} cold"),
         ("cold bytes read", format_size(s["cold_bytes_read"])),
         ("promotions", f"{s['promotions']} ({format_size(s['promoted_bytes'])}), "
-                       f"{s['promotions_in_flight']} in flight, {s['promotions_failed']} failed"),
+                       f"{s['promotions_in_flight']} in flight, {s['promotions_failed']} failed, "
+                       f"{s['promotions_cancelled']} cancelled"),
         ("evictions", f"{s['evictions']} ({format_size(s['evicted_bytes'])}), "
                       f"{s['invalidations']} invalidated"),
         ("uptime", f"{s['uptime_seconds']:.0f} s"),

@@ -86,9 +86,8 @@ class Promotion:
             n = await trio.to_thread.run_sync(_copy_range, self.cold_fd, self.tmp_fd, off,
                                               length, limiter=self.store.io_limiter)
             if n != length:
-                log.info("%s shrank while being promoted; serving it from the cold tier",
-                         self.rel)
-                self.failed = True
+                log.info("%s shrank while being promoted; copy discarded", self.rel)
+                self.cancelled = True
             self.state[idx] = 2
             self.store.stats.cold_bytes_read += n
         except OSError as exc:
@@ -129,7 +128,7 @@ class Promotion:
                 if self._alive():
                     if version_of(self.store.cold.lstat(self.rel)) != self.version:
                         log.info("%s changed while being promoted; copy discarded", self.rel)
-                        self.failed = True
+                        self.cancelled = True
                     else:
                         await trio.to_thread.run_sync(
                             self.store.fast.commit, self.tmp_path, self.tmp_fd, self.rel,
@@ -172,7 +171,8 @@ class Stats:
     cold_bytes_read: int = 0
     promotions: int = 0
     promoted_bytes: int = 0
-    promotions_failed: int = 0
+    promotions_failed: int = 0  # the cold tier could not be read
+    promotions_cancelled: int = 0  # evicted or changed while being promoted
     evictions: int = 0
     evicted_bytes: int = 0
     invalidations: int = 0
@@ -299,6 +299,7 @@ class Store:
             "promotions": s.promotions,
             "promoted_bytes": s.promoted_bytes,
             "promotions_failed": s.promotions_failed,
+            "promotions_cancelled": s.promotions_cancelled,
             "promotions_in_flight": sum(1 for e in self.entries.values() if e.prom),
             "evictions": s.evictions,
             "evicted_bytes": s.evicted_bytes,
@@ -442,7 +443,10 @@ class Store:
             self._dirty.add(prom.rel)
         else:
             self.fast.release(prom.size)
-            self.stats.promotions_failed += 1
+            if prom.failed:
+                self.stats.promotions_failed += 1
+            else:
+                self.stats.promotions_cancelled += 1
             try:
                 os.unlink(prom.tmp_path)
             except FileNotFoundError:
@@ -489,20 +493,24 @@ class Store:
 
     # -- control -----------------------------------------------------------
 
-    async def warm(self, rel: str) -> None:
+    async def warm(self, rel: str, attempts: int = 3) -> None:
         """Promote rel and wait until it is in the fast tier. Raises OSError:
-        ENOSPC if it cannot fit next to pinned files, EIO if the copy failed."""
+        ENOSPC if it cannot fit next to pinned files, EIO if reading the cold
+        file failed, EBUSY if every attempt was cancelled (the file changed,
+        or was evicted again while being promoted)."""
         if not stat.S_ISREG(self.cold.lstat(rel).st_mode):
             raise OSError(errno.EINVAL, "only regular files can be promoted")
-        e, version = self._refresh(rel)
-        if e.fast_bytes or version[0] == 0:
-            return
-        prom = self._start_promotion(rel, e, version)
-        if prom is None:
-            raise OSError(errno.ENOSPC, "does not fit in the fast tier")
-        await prom.done.wait()
-        if not e.fast_bytes:
-            raise OSError(errno.EIO, "promotion did not complete")
+        for _ in range(attempts):
+            e, version = self._refresh(rel)
+            if e.fast_bytes or version[0] == 0:
+                return
+            prom = self._start_promotion(rel, e, version)
+            if prom is None:
+                raise OSError(errno.ENOSPC, "does not fit in the fast tier")
+            await prom.done.wait()
+            if prom.failed:
+                raise OSError(errno.EIO, "reading the cold file failed")
+        raise OSError(errno.EBUSY, "cancelled while being promoted")
 
     def evict(self, rel: str) -> None:
         e = self.entries.get(rel)
