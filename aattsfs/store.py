@@ -24,6 +24,7 @@ Promotion protocol (docs/promotion.md explains why):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -32,6 +33,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+import lmdb
 import trio
 
 from .metadata import FileRecord, MetaStore
@@ -137,6 +139,14 @@ class Promotion:
             log.warning("promotion of %s failed: %s", self.rel, exc)
             self.failed = True
         finally:
+            # Worker threads may still be copying chunks that readers asked
+            # for; the fds must outlive them, or a reused fd number would
+            # receive their writes. Threads cannot be cancelled, so this wait
+            # is bounded by one chunk copy.
+            with trio.CancelScope(shield=True):
+                for idx, ev in list(self.fetched.items()):
+                    if self.state[idx] == 1:
+                        await ev.wait()
             self.store._promotion_ended(self)
 
 
@@ -241,7 +251,11 @@ class Store:
             task_status.started()
             while True:
                 await trio.sleep(FLUSH_INTERVAL)
-                self.flush()
+                try:
+                    self.flush()
+                except lmdb.Error as exc:
+                    # The metadata only caches what can be re-learned: keep serving.
+                    log.error("writing metadata failed (%s); this batch is lost", exc)
 
     async def _warm_quietly(self, rel: str) -> None:
         try:
@@ -255,10 +269,9 @@ class Store:
             return
         batch = {rel: self.entries[rel].record if rel in self.entries else None
                  for rel in self._dirty}
-        self.meta.write_batch(batch, self._transitions, self._events)
-        self._dirty.clear()
-        self._transitions = Counter()
-        self._events = []
+        transitions, events = self._transitions, self._events
+        self._dirty, self._transitions, self._events = set(), Counter(), []
+        self.meta.write_batch(batch, transitions, events)
 
     def close(self) -> None:
         """Stop promotions and persist state; open handles are gone by now."""
@@ -447,15 +460,14 @@ class Store:
                 self.stats.promotions_failed += 1
             else:
                 self.stats.promotions_cancelled += 1
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(prom.tmp_path)
-            except FileNotFoundError:
-                pass
         for h in e.handles:
             if h.prom is prom:
-                h.prom = None
+                h.prom = None  # falls back to the cold tier unless moved below
                 if committed:
-                    h.fast_fd = self.fast.open(prom.rel)
+                    with contextlib.suppress(OSError):
+                        h.fast_fd = self.fast.open(prom.rel)
         os.close(prom.tmp_fd)
         os.close(prom.cold_fd)
         prom.tmp_fd = None

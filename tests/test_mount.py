@@ -376,3 +376,16 @@ def test_read_ahead_is_raised(cold_tree, mounter):
     dev = next(d for t, _, d in _mount_table() if t == str(m.mnt))
     with open(f"/sys/class/bdi/{dev}/read_ahead_kb") as f:
         assert int(f.read()) == 2048
+
+
+def test_unchanged_files_stay_in_the_kernel_page_cache(cold_tree, mounter):
+    m = mounter(cold_tree, fast_size="64M")
+    reader = [sys.executable, "-c", f"open({str(m.path('mid.bin'))!r}, 'rb').read()"]
+    subprocess.run(reader, check=True)
+    m.wait_tier("mid.bin")
+    subprocess.run(reader, check=True)  # fills the page cache through the daemon if needed
+    before = m.stats()
+    subprocess.run(reader, check=True)  # a fresh process: served by the page cache
+    after = m.stats()
+    assert after["opens"]["fast"] == before["opens"]["fast"] + 1
+    assert after["bytes_served"] == before["bytes_served"]
