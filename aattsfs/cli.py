@@ -161,32 +161,24 @@ def _act(paths, name: bytes, value: bytes, verb: str):
     click.echo(f"{verb}: {count} file(s)")
 
 
-@cli.command()
-@click.argument("paths", nargs=-1, required=True)
-def warm(paths):
-    """Promote files (directories: every file below) into the fast tier."""
-    _act(paths, XATTR_TIER, b"fast", "warm")
+ACTIONS = [  # (command, xattr, value, help)
+    ("warm", XATTR_TIER, b"fast",
+     "Promote files (directories: every file below) into the fast tier; waits until done."),
+    ("evict", XATTR_TIER, b"cold", "Drop files from the fast tier (they stay in the cold tier)."),
+    ("pin", XATTR_PINNED, b"1", "Promote files and keep them in the fast tier: never evicted."),
+    ("unpin", XATTR_PINNED, b"0", "Let pinned files be evicted again."),
+]
 
 
-@cli.command()
-@click.argument("paths", nargs=-1, required=True)
-def evict(paths):
-    """Drop files from the fast tier (they stay in the cold tier)."""
-    _act(paths, XATTR_TIER, b"cold", "evict")
+def _action_command(verb: str, name: bytes, value: bytes, help_text: str) -> None:
+    @cli.command(verb, help=help_text)
+    @click.argument("paths", nargs=-1, required=True)
+    def command(paths):
+        _act(paths, name, value, verb)
 
 
-@cli.command()
-@click.argument("paths", nargs=-1, required=True)
-def pin(paths):
-    """Promote files and keep them in the fast tier: never evicted."""
-    _act(paths, XATTR_PINNED, b"1", "pin")
-
-
-@cli.command()
-@click.argument("paths", nargs=-1, required=True)
-def unpin(paths):
-    """Let pinned files be evicted again."""
-    _act(paths, XATTR_PINNED, b"0", "unpin")
+for _action in ACTIONS:
+    _action_command(*_action)
 
 
 def main():
