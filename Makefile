@@ -32,8 +32,9 @@ $(STAMP): setup.cfg pyproject.toml
 clean:
 	rm -rf work .pytest_cache test-artifacts
 
-# Cold start of one sharded model, from the local disk and from a cold tier
-# throttled to 200 MB/s; figures go to docs/benchmarks.md.
+# Cold start of one sharded model (local disk, and a cold tier throttled to
+# 200 MB/s) and ls -lR over 20,000 files; figures go to docs/benchmarks.md.
 bench: venv
 	$(PY) bench/cold_start.py --reps 5
 	$(PY) bench/cold_start.py --reps 5 --throttle 200
+	$(PY) bench/ls_xattr.py --reps 5

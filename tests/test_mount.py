@@ -202,8 +202,13 @@ def test_budget_holds_and_pins_survive(tmp_path, mounter):
     def watch():
         while not done.is_set():
             used = m.stats()["fast_tier"]["used_bytes"]
-            on_disk = sum(os.lstat(os.path.join(d, f)).st_size
-                          for d, _, fs in os.walk(m.fast) for f in fs)
+            on_disk = 0
+            for d, _, fs in os.walk(m.fast):
+                for f in fs:
+                    try:
+                        on_disk += os.lstat(os.path.join(d, f)).st_size
+                    except FileNotFoundError:
+                        pass  # evicted, or renamed into place, since the walk saw it
             peak["stats"] = max(peak["stats"], used)
             peak["dir"] = max(peak["dir"], on_disk)
 
@@ -389,3 +394,42 @@ def test_unchanged_files_stay_in_the_kernel_page_cache(cold_tree, mounter):
     after = m.stats()
     assert after["opens"]["fast"] == before["opens"]["fast"] + 1
     assert after["bytes_served"] == before["bytes_served"]
+
+
+def test_metadata_records_the_open_sequence(cold_tree, mounter):
+    from aattsfs.metadata import MetaStore
+    m = mounter(cold_tree)
+    for rel in ["models/a/weights.bin", "models/b/weights.bin", "models/c/weights.bin",
+                "models/a/weights.bin", "models/b/weights.bin"]:
+        with open(m.path(rel), "rb") as f:
+            f.read(1)
+    m.stop()  # a clean stop flushes the last batch
+    meta = MetaStore(str(m.state / "lmdb"))
+    try:
+        assert meta.transitions_from("models/a/weights.bin") == {"models/b/weights.bin": 2}
+        assert meta.transitions_from("models/b/weights.bin") == {"models/c/weights.bin": 1}
+        opens = [e["path"] for e in meta.events() if e["op"] == "open"]
+        assert opens[-5:] == ["models/a/weights.bin", "models/b/weights.bin",
+                              "models/c/weights.bin", "models/a/weights.bin",
+                              "models/b/weights.bin"]
+        rec = meta.records["models/a/weights.bin"]
+        assert rec.size == 4 * MiB and rec.tier == "fast" and rec.hits + rec.misses == 2
+        assert rec.last_access > 0
+    finally:
+        meta.close()
+
+
+def test_cold_file_truncated_during_promotion(tmp_path, mounter):
+    cold = tmp_path / "cold"
+    write_random(cold / "moving", 96 * MiB, 3)
+    m = mounter(cold, fast_size="256M")
+    with open(m.path("moving"), "rb") as f:
+        assert len(f.read(4096)) == 4096  # starts the promotion
+        os.truncate(cold / "moving", 10 * MiB)  # the cold file changes under it
+    new = (cold / "moving").read_bytes()
+    wait_for(lambda: m.stats()["promotions_in_flight"] == 0, what="the promotion to end")
+    wait_for(lambda: m.path("moving").read_bytes() == new, timeout=10,
+             what="the truncated content through the mount")
+    m.wait_tier("moving")
+    assert (m.fast / "data" / "moving").read_bytes() == new
+    assert m.stats()["promotions_failed"] == 0
