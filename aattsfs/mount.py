@@ -266,7 +266,7 @@ def run_foreground(cfg: MountConfig) -> None:
     try:
         unmount = trio.run(_serve, store, cfg)
     finally:
-        store.close()
+        store.flush()  # the trio loop has ended: no promotion is left
         meta.close()
         pyfuse3.close(unmount=unmount)
         os.close(lock_fd)

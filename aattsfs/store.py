@@ -237,7 +237,9 @@ class Store:
                 self.policy.admit(rel, e.fast_bytes)
                 self._dirty.add(rel)
         if self.fast.used > self.fast.budget:  # the budget shrank since last time
-            self._make_room(0)
+            if not self._make_room(0):
+                log.warning("pinned files hold %d bytes, more than the budget of %d; "
+                            "unpin some or raise --fast-size", self.fast.used, self.fast.budget)
         log.info("fast tier recovered: %d copies kept (%d bytes), %d dropped",
                  kept, self.fast.used, dropped)
 
@@ -273,12 +275,6 @@ class Store:
         self._dirty, self._transitions, self._events = set(), Counter(), []
         self.meta.write_batch(batch, transitions, events)
 
-    def close(self) -> None:
-        """Stop promotions and persist state; open handles are gone by now."""
-        for e in self.entries.values():
-            if e.prom is not None:
-                e.prom.cancelled = True
-        self.flush()
 
     # -- queries -----------------------------------------------------------
 
@@ -348,15 +344,14 @@ class Store:
     def open(self, rel: str, pid: int = 0) -> Handle:
         e, version = self._refresh(rel)
         rec = e.record
+        h = Handle(rel, version, e)
         if e.fast_bytes:
             try:
-                fast_fd = self.fast.open(rel)
+                h.fast_fd = self.fast.open(rel)
             except OSError as exc:  # removed behind the daemon's back
                 log.warning("fast copy of %s is unreadable (%s); dropped", rel, exc)
                 self._drop_fast(rel)
-        h = Handle(rel, version, e)
-        if e.fast_bytes:
-            h.fast_fd = fast_fd
+        if h.fast_fd is not None:
             rec.hits += 1
             self.stats.opens_fast += 1
             self.policy.access(rel)
