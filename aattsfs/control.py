@@ -33,8 +33,10 @@ def render(store: Store, name: str) -> bytes:
     lines = ["# tier\tsize\thits\tmisses\tpinned\tpath"]
     for rel in sorted(store.entries):
         rec = store.entries[rel].record
+        # one line per file even if a name holds a tab or a newline
+        path = rel.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
         lines.append(f"{store.tier(rel)}\t{rec.size}\t{rec.hits}\t{rec.misses}\t"
-                     f"{int(rec.pinned)}\t{rel}")
+                     f"{int(rec.pinned)}\t{path}")
     return ("\n".join(lines) + "\n").encode()
 
 

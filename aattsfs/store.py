@@ -327,7 +327,12 @@ class Store:
     def _refresh(self, rel: str) -> tuple[Entry, tuple[int, int]]:
         """Compare the cold file with what is known of it; a changed file
         loses its fast copy and any promotion of the old version."""
-        version = version_of(self.cold.lstat(rel))
+        st = self.cold.lstat(rel)
+        if not stat.S_ISREG(st.st_mode):
+            # The kernel serves FIFOs itself and FUSE mounts are nodev, so
+            # this is defence in depth: never open a special file as root.
+            raise OSError(errno.ENXIO, "not a regular file")
+        version = version_of(st)
         e = self._entry(rel)
         rec = e.record
         if (rec.size, rec.mtime_ns) != version:
@@ -505,8 +510,6 @@ class Store:
         ENOSPC if it cannot fit next to pinned files, EIO if reading the cold
         file failed, EBUSY if every attempt was cancelled (the file changed,
         or was evicted again while being promoted)."""
-        if not stat.S_ISREG(self.cold.lstat(rel).st_mode):
-            raise OSError(errno.EINVAL, "only regular files can be promoted")
         for _ in range(attempts):
             e, version = self._refresh(rel)
             if e.fast_bytes or version[0] == 0:

@@ -116,6 +116,11 @@ def test_control_surface(cold_tree, mounter):
     tiers = m.path(".aatts/tiers").read_text().splitlines()
     assert tiers[0].startswith("# tier")
     assert f"fast\t{3 * MiB}\t1\t1\t0\tmid.bin" in tiers
+    odd = cold_tree / "tab\tand\nnewline"
+    odd.write_bytes(b"x")
+    assert m.path(odd.name).read_bytes() == b"x"
+    m.wait_tier(odd.name)
+    assert "fast\t1\t0\t1\t0\ttab\\tand\\nnewline" in m.path(".aatts/tiers").read_text()
     assert set(os.listxattr(m.path("mid.bin"))) == {"user.aatts.tier", "user.aatts.hits",
                                                    "user.aatts.pinned"}
     assert os.getxattr(m.path("mid.bin"), "user.aatts.hits") == b"1"
@@ -433,3 +438,21 @@ def test_cold_file_truncated_during_promotion(tmp_path, mounter):
     m.wait_tier("moving")
     assert (m.fast / "data" / "moving").read_bytes() == new
     assert m.stats()["promotions_failed"] == 0
+
+
+def test_special_files_cannot_stall_the_daemon(tmp_path, mounter):
+    """The kernel keeps FIFOs local to the mount and refuses device nodes
+    (FUSE mounts are nodev): neither open ever reaches the daemon."""
+    cold = tmp_path / "cold"
+    cold.mkdir()
+    os.mkfifo(cold / "fifo")
+    os.mknod(cold / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    (cold / "regular").write_bytes(b"ok")
+    m = mounter(cold)
+    assert stat.S_ISFIFO(os.lstat(m.path("fifo")).st_mode)
+    fd = os.open(m.path("fifo"), os.O_RDONLY | os.O_NONBLOCK)
+    os.close(fd)
+    with pytest.raises(PermissionError):
+        os.open(m.path("null"), os.O_RDONLY)
+    assert m.path("regular").read_bytes() == b"ok"
+    assert m.stats()["opens"] == {"fast": 0, "cold": 1}
