@@ -50,17 +50,19 @@ def cli():
               show_default=True, help="Eviction policy of the fast tier.")
 @click.option("--read-ahead", type=SizeType(), default="1M", show_default=True,
               help="Kernel readahead of the mount, the size of read requests.")
+@click.option("--prefetch/--no-prefetch", default=True, show_default=True,
+              help="Stage a model's weight files when its config or index is opened.")
 @click.option("--allow-other", is_flag=True, help="Let other users access the mount.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground "
               "(for systemd and debugging); log to stderr.")
 @click.option("--debug", is_flag=True, help="Log every FUSE request (very verbose).")
 def mount(cold_dir, mountpoint, fast_dir, fast_size, state_dir, policy, read_ahead,
-          allow_other, foreground, debug):
+          prefetch, allow_other, foreground, debug):
     """Mount COLD_DIR on MOUNTPOINT."""
     from .mount import MountConfig, daemonize, run_foreground
 
     cfg = MountConfig(cold_dir, mountpoint, fast_size, fast_dir, state_dir, policy,
-                      allow_other, debug, read_ahead=read_ahead)
+                      allow_other, debug, read_ahead=read_ahead, prefetch=prefetch)
     if foreground:
         run_foreground(cfg)
     else:
@@ -109,6 +111,8 @@ def status(mountpoint, as_json):
         ("bytes served", f"{format_size(s['bytes_served']['fast'])} fast, "
                          f"{format_size(s['bytes_served']['cold'])} cold"),
         ("cold bytes read", format_size(s["cold_bytes_read"])),
+        ("prefetches", f"{s['prefetches']} ({format_size(s['prefetched_bytes'])}) "
+                       "started by a model-format hint"),
         ("promotions", f"{s['promotions']} ({format_size(s['promoted_bytes'])}), "
                        f"{s['promotions_in_flight']} in flight, {s['promotions_failed']} failed, "
                        f"{s['promotions_cancelled']} cancelled"),

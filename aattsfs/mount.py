@@ -49,6 +49,7 @@ class MountConfig:
     debug: bool = False
     timeout: float = 1.0
     read_ahead: int = 1 << 20
+    prefetch: bool = True
 
 
 def mount_key(mountpoint: str) -> str:
@@ -249,7 +250,7 @@ def run_foreground(cfg: MountConfig) -> None:
     lock_fd = _lock_state_dir(cfg.state_dir)
     meta = MetaStore(os.path.join(cfg.state_dir, "lmdb"))
     store = Store(ColdTier(cfg.cold), FastTier(cfg.fast_dir, cfg.fast_size), meta,
-                  make_policy(cfg.policy))
+                  make_policy(cfg.policy), prefetch=cfg.prefetch)
     store.recover()
     ops = Operations(store, timeout=cfg.timeout)
     options = set(pyfuse3.default_options) | {"fsname=aattsfs", "subtype=aattsfs"}

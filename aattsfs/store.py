@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import stat
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 import lmdb
 import trio
 
+from . import hints
 from .metadata import FileRecord, MetaStore
 from .policy import EvictionPolicy
 from .tiers import ColdTier, FastTier
@@ -183,6 +185,8 @@ class Stats:
     promoted_bytes: int = 0
     promotions_failed: int = 0  # the cold tier could not be read
     promotions_cancelled: int = 0  # evicted or changed while being promoted
+    prefetches: int = 0  # promotions started by a hint, before any read
+    prefetched_bytes: int = 0
     evictions: int = 0
     evicted_bytes: int = 0
     invalidations: int = 0
@@ -191,7 +195,7 @@ class Stats:
 class Store:
     def __init__(self, cold: ColdTier, fast: FastTier, meta: MetaStore,
                  policy: EvictionPolicy, io_threads: int = 8,
-                 max_promotions: int = 2) -> None:
+                 max_promotions: int = 2, prefetch: bool = True) -> None:
         self.cold = cold
         self.fast = fast
         self.meta = meta
@@ -199,6 +203,7 @@ class Store:
         self.io_limiter = trio.CapacityLimiter(io_threads)
         self.promote_limiter = trio.CapacityLimiter(max_promotions)
         self.stats = Stats()
+        self.prefetch = prefetch
         self.entries: dict[str, Entry] = {rel: Entry(rec) for rel, rec in meta.records.items()}
         self._nursery: trio.Nursery | None = None
         self._dirty: set[str] = set()
@@ -310,6 +315,8 @@ class Store:
             "promotions_failed": s.promotions_failed,
             "promotions_cancelled": s.promotions_cancelled,
             "promotions_in_flight": sum(1 for e in self.entries.values() if e.prom),
+            "prefetches": s.prefetches,
+            "prefetched_bytes": s.prefetched_bytes,
             "evictions": s.evictions,
             "evicted_bytes": s.evicted_bytes,
             "invalidations": s.invalidations,
@@ -373,7 +380,33 @@ class Store:
         if self._last_open is not None and self._last_open != rel:
             self._transitions[(self._last_open, rel)] += 1
         self._last_open = rel
+        if self.prefetch:
+            self._stage_model(rel)
         return h
+
+    def _read_json(self, rel: str) -> dict:
+        with os.fdopen(self.cold.open(rel), "rb") as f:
+            return json.loads(f.read(16 << 20))
+
+    def _stage_model(self, rel: str) -> None:
+        """If rel belongs to a model directory, promote the files its loader
+        will read next (docs/prefetch.md). Only whole models that fit the
+        budget are staged, and staging never evicts the model's own files."""
+        try:
+            files = hints.model_files(rel, self.cold.listdir, self._read_json)
+            versions = {f: self._refresh(f) for f in files}
+        except (OSError, ValueError, AttributeError, TypeError):
+            return  # not a well-formed model directory: no prediction
+        group = set(files) | {rel}
+        if sum(v[0] for _, v in versions.values()) > self.fast.budget:
+            return  # the model cannot fit: staging it would only thrash
+        for f, (e, version) in versions.items():
+            if e.fast_bytes or e.prom is not None or version[0] == 0:
+                continue
+            if self._start_promotion(f, e, version, protect=group) is None:
+                return
+            self.stats.prefetches += 1
+            self.stats.prefetched_bytes += version[0]
 
     async def read(self, h: Handle, off: int, size: int) -> bytes:
         while True:
@@ -420,14 +453,15 @@ class Store:
 
     # -- promotion ---------------------------------------------------------
 
-    def _start_promotion(self, rel: str, e: Entry,
-                         version: tuple[int, int]) -> Promotion | None:
+    def _start_promotion(self, rel: str, e: Entry, version: tuple[int, int],
+                         protect: frozenset | set = frozenset()) -> Promotion | None:
         """Begin promoting rel if its whole size fits the budget; attach every
         open handle of this version of the file to the promotion."""
         size = version[0]
         if e.fast_bytes or e.prom is not None:
             return e.prom
-        if self._nursery is None or not self._make_room(size) or not self.fast.reserve(size):
+        if (self._nursery is None or not self._make_room(size, protect)
+                or not self.fast.reserve(size)):
             return None
         try:
             cold_fd = self.cold.open(rel)
@@ -473,15 +507,15 @@ class Store:
         prom.tmp_fd = None
         prom.done.set()
 
-    def _make_room(self, size: int) -> bool:
-        """Evict by policy until `size` more bytes fit; pinned files and
-        promotions in flight are never evicted."""
+    def _make_room(self, size: int, protect: frozenset | set = frozenset()) -> bool:
+        """Evict by policy until `size` more bytes fit; pinned files, files in
+        `protect` and promotions in flight are never evicted."""
         if size > self.fast.budget:
             return False
         for rel in self.policy.victims():
             if self.fast.free >= size:
                 break
-            if not self.entries[rel].record.pinned:
+            if not self.entries[rel].record.pinned and rel not in protect:
                 self._drop_fast(rel)
                 self.stats.evictions += 1
         return self.fast.free >= size

@@ -6,7 +6,9 @@ Every load is `from_pretrained` plus touching every weight in a fresh process
   cold dir, page cache dropped   the baseline: what the model code does today
   tmpfs copy                     the physical limit: the model already in RAM
   cold dir, page cache warm      the kernel page cache of the cold dir
-  aattsfs 1st load               fresh mount, empty fast tier, page cache dropped
+  aattsfs 1st load, --no-prefetch  fresh mount, empty fast tier, page cache dropped,
+                                 files promoted only as they are read
+  aattsfs 1st load               the same with model-format staging (the default)
   aattsfs promoted               fast tier filled, page cache dropped
   aattsfs all warm               fast tier filled, page cache kept
 
@@ -85,10 +87,19 @@ def one_rep(model: Path, mnt: Path, state: Path) -> dict[str, float]:
     t["tmpfs copy"] = load(TMPFS_COPY / model.name)
     load(model)
     t["cold dir, page cache warm"] = load(model)
-    shutil.rmtree(FAST, ignore_errors=True)
-    shutil.rmtree(state, ignore_errors=True)
-    aattsfs("mount", model.parent, mnt, "--fast-dir", FAST, "--fast-size", "2G",
-            "--state-dir", state)
+    def fresh_mount(*extra):
+        shutil.rmtree(FAST, ignore_errors=True)
+        shutil.rmtree(state, ignore_errors=True)
+        aattsfs("mount", model.parent, mnt, "--fast-dir", FAST, "--fast-size", "2G",
+                "--state-dir", state, *extra)
+
+    fresh_mount("--no-prefetch")
+    try:
+        drop_caches()
+        t["aattsfs 1st load, --no-prefetch"] = load(mnt / model.name)
+    finally:
+        aattsfs("umount", mnt)
+    fresh_mount()
     try:
         drop_caches()
         t["aattsfs 1st load"] = load(mnt / model.name)
@@ -102,6 +113,7 @@ def one_rep(model: Path, mnt: Path, state: Path) -> dict[str, float]:
 
 
 RATIOS = [  # (phase, baseline)
+    ("aattsfs 1st load, --no-prefetch", "cold dir, page cache dropped"),
     ("aattsfs 1st load", "cold dir, page cache dropped"),
     ("aattsfs promoted", "cold dir, page cache dropped"),
     ("aattsfs promoted", "tmpfs copy"),

@@ -92,3 +92,35 @@ def test_sentence_transformers_encode(model_cold, mounter):
     got = SentenceTransformer(str(m.path("minilm")), device="cpu").encode(sentences)
     assert got.shape == (2, 384)
     assert (got == want).all()
+
+
+def _tiers(m, rel_dir):
+    return {n: m.tier(f"{rel_dir}/{n}") for n in os.listdir(m.path(rel_dir))
+            if os.path.getsize(m.path(f"{rel_dir}/{n}"))}
+
+
+def test_opening_config_stages_the_shards(model_cold, mounter):
+    from conftest import wait_for
+    m = mounter(model_cold)
+    with open(m.path("gpt2/config.json"), "rb"):
+        pass  # opened, not even read
+    shards = [n for n in os.listdir(model_cold / "gpt2") if n.endswith(".safetensors")]
+    wait_for(lambda: all(m.tier(f"gpt2/{n}") == "fast" for n in shards),
+             what="the shards to be staged")
+    assert m.tier("gpt2/model.safetensors.index.json") == "fast"
+    assert m.tier("gpt2/generation_config.json") == "cold"  # not predicted
+    s = m.stats()
+    assert s["prefetches"] == len(shards) + 1
+    assert s["reads"]["cold"] == 0 and s["bytes_served"]["fast"] == 0
+
+
+def test_no_prefetch_and_models_larger_than_the_budget(model_cold, mounter):
+    off = mounter(model_cold, extra=["--no-prefetch"])
+    small = mounter(model_cold, fast_size="500K")  # smaller than the gpt2 shards together
+    for m in (off, small):
+        with open(m.path("gpt2/config.json"), "rb") as f:
+            f.read()
+    for m in (off, small):
+        m.wait_tier("gpt2/config.json")
+        assert m.stats()["prefetches"] == 0
+        assert m.tier("gpt2/model.safetensors.index.json") == "cold"

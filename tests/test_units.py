@@ -139,3 +139,36 @@ def test_fast_tier_budget(tmp_path):
     assert fast.free == 0
     fast.release(100)
     assert fast.used == 0
+
+
+def _model_dir(names, weight_map=None):
+    files = {f"m/{n}" for n in names}
+    listdir = lambda d: sorted(p.split("/", 1)[1] for p in files if p.startswith(d + "/"))  # noqa: E731
+    read_json = lambda rel: {"weight_map": weight_map or {}}  # noqa: E731
+    return listdir, read_json
+
+
+def test_hints_sharded_model():
+    from aattsfs.hints import model_files
+    wm = {"a": "model-00002-of-00002.safetensors", "b": "model-00001-of-00002.safetensors",
+          "c": "model-00001-of-00002.safetensors"}
+    ld, rj = _model_dir(["config.json", "model.safetensors.index.json", "tokenizer.json",
+                         "model-00001-of-00002.safetensors",
+                         "model-00002-of-00002.safetensors"], wm)
+    shards = ["m/model-00001-of-00002.safetensors", "m/model-00002-of-00002.safetensors"]
+    assert model_files("m/config.json", ld, rj) == ["m/model.safetensors.index.json", *shards]
+    assert model_files("m/model.safetensors.index.json", ld, rj) == shards
+    assert model_files(shards[1], ld, rj) == ["m/model.safetensors.index.json", shards[0]]
+    assert model_files("m/tokenizer.json", ld, rj) == []
+
+
+def test_hints_single_file_and_non_models():
+    from aattsfs.hints import model_files
+    ld, rj = _model_dir(["config.json", "model.safetensors", "vocab.txt"])
+    assert model_files("m/config.json", ld, rj) == ["m/model.safetensors"]
+    assert model_files("m/model.safetensors", ld, rj) == []
+    ld, rj = _model_dir(["data.bin", "other.bin"])  # no config.json: not a model
+    assert model_files("m/data.bin", ld, rj) == []
+    ld, rj = _model_dir(["config.json", "model.safetensors.index.json"],
+                        {"a": "missing.safetensors"})
+    assert model_files("m/config.json", ld, rj) == ["m/model.safetensors.index.json"]

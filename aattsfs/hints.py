@@ -1,0 +1,41 @@
+"""Model-format hints: which files a loader will read next, from the layout
+of a Hugging Face model directory alone.
+
+`from_pretrained` opens `config.json` first, then (seconds later, after
+building the model) the index and every shard it lists. Knowing that, the
+first open of any of those files predicts the rest. Plain synchronous code:
+the caller passes how to list a directory and read a JSON file, so this
+runs the same in the daemon, the simulator and the tests.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Callable
+
+INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+SINGLE_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def model_files(rel: str, listdir: Callable[[str], list[str]],
+                read_json: Callable[[str], dict]) -> list[str]:
+    """Files of the model directory that `rel` belongs to, in the order the
+    loader reads them, without `rel` itself; [] if rel is not a trigger
+    (config.json, an index, or a weights file of a model directory)."""
+    directory, name = posixpath.split(rel)
+    if name != "config.json" and name not in INDEX_NAMES and \
+            not name.endswith(WEIGHT_SUFFIXES):
+        return []
+    names = set(listdir(directory))
+    if "config.json" not in names:
+        return []
+    index = next((n for n in INDEX_NAMES if n in names), None)
+    if index is not None:
+        weight_map = read_json(posixpath.join(directory, index)).get("weight_map", {})
+        files = [index, *sorted(set(weight_map.values()))]
+    else:
+        files = [n for n in SINGLE_WEIGHTS if n in names]
+    if name != "config.json" and name not in files:
+        return []  # some other .bin next to a model: no prediction
+    return [posixpath.join(directory, f) for f in files if f != name and f in names]
