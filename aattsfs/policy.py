@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from typing import Hashable, Iterator
+from typing import Callable, Hashable, Iterator
 
 
 class EvictionPolicy(ABC):
@@ -77,6 +77,22 @@ class LFUPolicy(EvictionPolicy):
 
     def victims(self):
         return iter(sorted(self._state, key=self._state.__getitem__))
+
+
+def choose_victims(policy: EvictionPolicy, need: int, free: int,
+                   size_of: Callable[[Hashable], int],
+                   evictable: Callable[[Hashable], bool]) -> tuple[list[Hashable], bool]:
+    """The keys to evict, in policy order, so that `need` bytes fit next to
+    `free` bytes, and whether they are enough. The daemon and the simulator
+    both decide evictions here."""
+    chosen = []
+    for key in policy.victims():
+        if free >= need:
+            break
+        if evictable(key):
+            chosen.append(key)
+            free += size_of(key)
+    return chosen, free >= need
 
 
 POLICIES: dict[str, type[EvictionPolicy]] = {p.name: p for p in (LRUPolicy, LFUPolicy)}

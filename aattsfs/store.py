@@ -39,7 +39,7 @@ import trio
 
 from . import hints
 from .metadata import FileRecord, MetaStore
-from .policy import EvictionPolicy
+from .policy import EvictionPolicy, choose_victims
 from .tiers import ColdTier, FastTier
 
 log = logging.getLogger(__name__)
@@ -242,7 +242,7 @@ class Store:
                 self.policy.admit(rel, e.fast_bytes)
                 self._dirty.add(rel)
         if self.fast.used > self.fast.budget:  # the budget shrank since last time
-            if not self._make_room(0):
+            if not self._make_room(0, partial=True):
                 log.warning("pinned files hold %d bytes, more than the budget of %d; "
                             "unpin some or raise --fast-size", self.fast.used, self.fast.budget)
         log.info("fast tier recovered: %d copies kept (%d bytes), %d dropped",
@@ -507,18 +507,22 @@ class Store:
         prom.tmp_fd = None
         prom.done.set()
 
-    def _make_room(self, size: int, protect: frozenset | set = frozenset()) -> bool:
+    def _make_room(self, size: int, protect: frozenset | set = frozenset(),
+                   partial: bool = False) -> bool:
         """Evict by policy until `size` more bytes fit; pinned files, files in
-        `protect` and promotions in flight are never evicted."""
+        `protect` and promotions in flight are never evicted. If that cannot
+        make enough room, nothing is evicted unless `partial`."""
         if size > self.fast.budget:
             return False
-        for rel in self.policy.victims():
-            if self.fast.free >= size:
-                break
-            if not self.entries[rel].record.pinned and rel not in protect:
+        victims, enough = choose_victims(
+            self.policy, size, self.fast.free,
+            size_of=lambda rel: self.entries[rel].fast_bytes,
+            evictable=lambda rel: not self.entries[rel].record.pinned and rel not in protect)
+        if enough or partial:
+            for rel in victims:
                 self._drop_fast(rel)
                 self.stats.evictions += 1
-        return self.fast.free >= size
+        return enough
 
     def _drop_fast(self, rel: str) -> None:
         """Remove rel's fast copy. Open handles reading it switch to the cold
