@@ -18,7 +18,7 @@ from .store import Store
 CONTROL_NAME = ".aatts"
 CONTROL_DIR_INO = 2
 # name -> inode number; numbers stay below namespace.FIRST_DYNAMIC
-CONTROL_FILES = {"stats": 3, "tiers": 4}
+CONTROL_FILES = {"stats": 3, "tiers": 4, "trace": 5}
 CONTROL_INOS = {CONTROL_DIR_INO, *CONTROL_FILES.values()}
 
 XATTR_TIER = b"user.aatts.tier"
@@ -30,6 +30,8 @@ XATTRS = (XATTR_TIER, XATTR_HITS, XATTR_PINNED)
 def render(store: Store, name: str) -> bytes:
     if name == "stats":
         return (json.dumps(store.snapshot(), indent=2) + "\n").encode()
+    if name == "trace":
+        return "".join(json.dumps(ev) + "\n" for ev in store.trace()).encode()
     lines = ["# tier\tsize\thits\tmisses\tpinned\tpath"]
     for rel in sorted(store.entries):
         rec = store.entries[rel].record

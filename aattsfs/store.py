@@ -289,6 +289,10 @@ class Store:
             e = self.entries[rel] = Entry(FileRecord())
         return e
 
+    def trace(self) -> list[dict]:
+        """The recent access events, oldest first (docs/trace-format.md)."""
+        return self.meta.events() + self._events
+
     def tier(self, rel: str) -> str:
         e = self.entries.get(rel)
         if e is None:
@@ -376,7 +380,8 @@ class Store:
         e.handles.add(h)
         rec.last_access = time.time()
         self._dirty.add(rel)
-        self._events.append({"t": rec.last_access, "op": "open", "path": rel, "pid": pid})
+        self._events.append({"t": rec.last_access, "op": "open", "path": rel,
+                             "size": version[0], "pid": pid})
         if self._last_open is not None and self._last_open != rel:
             self._transitions[(self._last_open, rel)] += 1
         self._last_open = rel

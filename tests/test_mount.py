@@ -103,7 +103,7 @@ def test_whole_random_and_mmap_reads(cold_tree, mounter):
 def test_control_surface(cold_tree, mounter):
     m = mounter(cold_tree, fast_size="64M")
     assert ".aatts" in os.listdir(m.path())
-    assert sorted(os.listdir(m.path(".aatts"))) == ["stats", "tiers"]
+    assert sorted(os.listdir(m.path(".aatts"))) == ["stats", "tiers", "trace"]
     assert sha256(m.path("mid.bin"))
     m.wait_tier("mid.bin")
     with open(m.path("mid.bin"), "rb") as f:
@@ -152,7 +152,7 @@ def test_cold_directory_named_like_control_dir_is_hidden(tmp_path, mounter):
     (cold / ".aatts" / "mine").write_text("user data")
     m = mounter(cold)
     m.expect_log("hidden by the control directory")
-    assert sorted(os.listdir(m.path(".aatts"))) == ["stats", "tiers"]
+    assert sorted(os.listdir(m.path(".aatts"))) == ["stats", "tiers", "trace"]
     assert os.listdir(m.path()).count(".aatts") == 1
 
 
@@ -417,6 +417,7 @@ def test_metadata_records_the_open_sequence(cold_tree, mounter):
         assert opens[-5:] == ["models/a/weights.bin", "models/b/weights.bin",
                               "models/c/weights.bin", "models/a/weights.bin",
                               "models/b/weights.bin"]
+        assert all(e["size"] == 4 * MiB and e["pid"] > 0 for e in meta.events())
         rec = meta.records["models/a/weights.bin"]
         assert rec.size == 4 * MiB and rec.tier == "fast" and rec.hits + rec.misses == 2
         assert rec.last_access > 0
@@ -456,3 +457,16 @@ def test_special_files_cannot_stall_the_daemon(tmp_path, mounter):
         os.open(m.path("null"), os.O_RDONLY)
     assert m.path("regular").read_bytes() == b"ok"
     assert m.stats()["opens"] == {"fast": 0, "cold": 1}
+
+
+def test_trace_export_replays_in_the_simulator(cold_tree, mounter):
+    from aattsfs.sim import read_trace
+    m = mounter(cold_tree)
+    for rel in ["mid.bin", "models/a/weights.bin", "mid.bin"]:
+        with open(m.path(rel), "rb"):
+            pass
+    exported = run_cli("trace", "export", m.path()).stdout  # events not yet flushed too
+    trace = read_trace(exported.splitlines())
+    assert [(r.path, r.size) for r in trace] == [
+        ("mid.bin", 3 * MiB), ("models/a/weights.bin", 4 * MiB), ("mid.bin", 3 * MiB)]
+    assert "byte bound" in run_cli("sim", "-", "--budget", "8M", input=exported).stdout

@@ -81,3 +81,22 @@ def test_trace_round_trip_and_errors():
         read_trace(['{"op": "open", "path": "a", "size": 1}', '{"op": "open"}'])
     with pytest.raises(ValueError, match="line 1"):
         read_trace(["not json"])
+
+
+def test_sim_cli(tmp_path):
+    import json as _json
+
+    from conftest import run_cli
+    path = tmp_path / "loop.jsonl"
+    path.write_text(run_cli("trace", "generate", "loop").stdout)
+    out = _json.loads(run_cli("sim", path, "--budget", "80M", "--json").stdout)
+    assert out["lru"]["hit_ratio"] == 0.0
+    assert out["optimum (MIN)"]["hit_ratio"] == pytest.approx(0.45)
+    assert out["byte bound"]["byte_hit_ratio"] == pytest.approx(0.45)
+    table = run_cli("sim", path, "--budget", "80M", "--policy", "lru").stdout
+    assert "lru" in table and "lfu" not in table
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"op": "open", "path": "a"}\n')
+    proc = run_cli("sim", bad, "--budget", "1G", check=False)
+    assert proc.returncode == 2 and "line 1 is not a trace event" in proc.stderr
+    assert "Traceback" not in proc.stderr
