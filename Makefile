@@ -33,8 +33,10 @@ clean:
 	rm -rf work .pytest_cache test-artifacts
 
 # Cold start of one sharded model (local disk, and a cold tier throttled to
-# 200 MB/s) and ls -lR over 20,000 files; figures go to docs/benchmarks.md.
+# 200 MB/s), ls -lR over 20,000 files, and the policy simulator; figures go to
+# docs/benchmarks.md.
 bench: venv
 	$(PY) bench/cold_start.py --reps 5
 	$(PY) bench/cold_start.py --reps 5 --throttle 200
 	$(PY) bench/ls_xattr.py --reps 5
+	$(PY) bench/sim_table.py
