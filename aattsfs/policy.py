@@ -33,6 +33,10 @@ class EvictionPolicy(ABC):
     def victims(self) -> Iterator[Hashable]:
         """Resident keys, the one to evict first coming first."""
 
+    def should_admit(self, key: Hashable, victims: list) -> bool:
+        """Whether bringing `key` in is worth evicting `victims`."""
+        return True
+
 
 class LRUPolicy(EvictionPolicy):
     name = "lru"
@@ -79,6 +83,47 @@ class LFUPolicy(EvictionPolicy):
         return iter(sorted(self._state, key=self._state.__getitem__))
 
 
+class PredictivePolicy(EvictionPolicy):
+    """Evict the file whose predicted next use is furthest away: an online
+    approximation of Belady's MIN. Files absent from the forecast go first,
+    least recently used first; then forecast files, furthest first. The
+    forecast comes from a predictor (predict.forecast) via `set_forecast`."""
+
+    name = "predictive"
+
+    def __init__(self) -> None:
+        self._lru = LRUPolicy()
+        self._rank: dict[Hashable, int] = {}
+
+    def set_forecast(self, keys) -> None:
+        self._rank = {k: i for i, k in enumerate(keys)}
+
+    def rank(self, key: Hashable) -> float:
+        """Position of key in the forecast; infinity if it is not expected."""
+        return self._rank.get(key, float("inf"))
+
+    def admit(self, key, size):
+        self._lru.admit(key, size)
+
+    def access(self, key):
+        self._lru.access(key)
+
+    def remove(self, key):
+        self._lru.remove(key)
+
+    def victims(self):
+        order = list(self._lru.victims())
+        return iter(sorted(order, key=lambda k: -self.rank(k)))  # stable: LRU among equals
+
+    def should_admit(self, key, victims):
+        # MIN's bypass: a file expected later than everything it would push
+        # out is better not cached. A file the forecast knows nothing about is
+        # admitted, as by LRU: no prediction is not a prediction of no use.
+        rank = self.rank(key)
+        return not victims or rank == float("inf") or \
+            rank < max(self.rank(v) for v in victims)
+
+
 def choose_victims(policy: EvictionPolicy, need: int, free: int,
                    size_of: Callable[[Hashable], int],
                    evictable: Callable[[Hashable], bool]) -> tuple[list[Hashable], bool]:
@@ -95,8 +140,11 @@ def choose_victims(policy: EvictionPolicy, need: int, free: int,
     return chosen, free >= need
 
 
+# What `aattsfs mount --policy` offers. The predictive policy needs a
+# forecast on every open, which only the simulator feeds it so far.
 POLICIES: dict[str, type[EvictionPolicy]] = {p.name: p for p in (LRUPolicy, LFUPolicy)}
+SIM_POLICIES: dict[str, type[EvictionPolicy]] = {**POLICIES, "predictive": PredictivePolicy}
 
 
 def make_policy(name: str) -> EvictionPolicy:
-    return POLICIES[name]()
+    return SIM_POLICIES[name]()

@@ -19,9 +19,13 @@ import json
 from dataclasses import dataclass
 from typing import Iterable
 
-from .policy import EvictionPolicy, choose_victims
+from .policy import EvictionPolicy, PredictivePolicy, choose_victims
+from .predict import Predictor, forecast
 
 INF = float("inf")
+PREFETCH_MIN_PROB = 0.5  # stage a file only if it is more likely needed than not
+RANK_HORIZON = 4  # budgets' worth of forecast the predictive policy ranks by
+RANK_STEPS = 1024
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,9 @@ class Result:
     hits: int = 0
     bytes_requested: int = 0
     hit_bytes: int = 0
+    prefetched_bytes: int = 0  # fetched from cold ahead of any request
+    prefetch_used_bytes: int = 0  # of those, requested while still cached
+    prefetch_wasted_bytes: int = 0  # of those, evicted before any request
 
     @property
     def hit_ratio(self) -> float:
@@ -47,7 +54,19 @@ class Result:
 
     @property
     def cold_bytes(self) -> int:
-        return self.bytes_requested - self.hit_bytes
+        """Every byte read from the cold tier: demand misses and prefetches."""
+        return self.bytes_requested - self.hit_bytes + self.prefetched_bytes
+
+    @property
+    def precision(self) -> float:
+        return self.prefetch_used_bytes / self.prefetched_bytes if self.prefetched_bytes \
+            else 0.0
+
+    @property
+    def recall(self) -> float:
+        """Share of the bytes that would have missed that prefetch provided."""
+        missed = self.bytes_requested - self.hit_bytes + self.prefetch_used_bytes
+        return self.prefetch_used_bytes / missed if missed else 0.0
 
 
 def read_trace(lines: Iterable[str]) -> list[Request]:
@@ -66,32 +85,75 @@ def read_trace(lines: Iterable[str]) -> list[Request]:
     return out
 
 
-def simulate(trace: list[Request], budget: int, policy: EvictionPolicy) -> Result:
+def simulate(trace: list[Request], budget: int, policy: EvictionPolicy,
+             predictor: Predictor | None = None, prefetch: bool = True) -> Result:
     """Replay opens through `policy`: a miss admits the whole file if it fits
-    the budget, evicting as the daemon would."""
+    the budget, evicting as the daemon would. With a `predictor`, every open
+    also updates its forecast, which a predictive policy ranks evictions by
+    and, if `prefetch`, which is staged ahead of the requests. A prefetch
+    never evicts a file expected sooner than the one it brings in."""
     res = Result()
     resident: dict[str, int] = {}
+    prefetched: set[str] = set()
+    sizes: dict[str, int] = {}
     free = budget
+
+    def admit(path: str, size: int, evictable) -> bool:
+        nonlocal free
+        if size > budget:
+            return False
+        victims, enough = choose_victims(policy, size, free, resident.__getitem__, evictable)
+        if not enough or not policy.should_admit(path, victims):
+            return False
+        for key in victims:
+            free += resident.pop(key)
+            policy.remove(key)
+            if key in prefetched:
+                prefetched.discard(key)
+                res.prefetch_wasted_bytes += sizes[key]
+        resident[path] = size
+        free -= size
+        policy.admit(path, size)
+        return True
+
     for r in trace:
         res.requests += 1
         res.bytes_requested += r.size
+        sizes[r.path] = r.size
+        ahead: list = []
+        if predictor is not None:
+            # observe first: admission judges the file's next use after this one
+            predictor.observe(r.path)
+            # rank evictions over a longer horizon than what is staged, so that
+            # files beyond the next budget's worth are still told apart
+            ahead = forecast(predictor, sizes.__getitem__, RANK_HORIZON * budget,
+                             max_steps=RANK_STEPS)
+            if isinstance(policy, PredictivePolicy):
+                policy.set_forecast([k for k, _ in ahead])
         if r.path in resident:
             res.hits += 1
             res.hit_bytes += r.size
             policy.access(r.path)
+            if r.path in prefetched:
+                prefetched.discard(r.path)
+                res.prefetch_used_bytes += r.size
+        else:
+            admit(r.path, r.size, lambda _key: True)
+        if not (prefetch and ahead):
             continue
-        if r.size > budget:
-            continue
-        victims, enough = choose_victims(policy, r.size, free, resident.__getitem__,
-                                         lambda _key: True)
-        if not enough:
-            continue
-        for key in victims:
-            free += resident.pop(key)
-            policy.remove(key)
-        resident[r.path] = r.size
-        free -= r.size
-        policy.admit(r.path, r.size)
+        rank = {k: i for i, (k, _) in enumerate(ahead)}
+        staged = 0
+        for i, (key, prob) in enumerate(ahead):
+            staged += sizes[key]
+            if prob < PREFETCH_MIN_PROB or staged > budget:
+                break
+            if key not in resident and admit(
+                    key, sizes[key],
+                    lambda v, i=i: v != r.path and rank.get(v, len(ahead)) > i):
+                prefetched.add(key)
+                res.prefetched_bytes += sizes[key]
+    for key in prefetched:  # staged but never requested before the trace ended
+        res.prefetch_wasted_bytes += sizes[key]
     return res
 
 

@@ -1,0 +1,88 @@
+"""Predictors, the forecast and the prediction-aware policy on small,
+hand-checked sequences."""
+
+import pytest
+
+from aattsfs.policy import PredictivePolicy, make_policy
+from aattsfs.predict import LastSuccessor, Markov, PPM, forecast, make_predictor
+from aattsfs.sim import Request, belady_min, simulate
+from aattsfs.tracegen import PATTERNS
+
+
+def fed(p, seq):
+    for k in seq:
+        p.observe(k)
+    return p
+
+
+def test_last_successor_follows_the_latest_change():
+    p = fed(LastSuccessor(), "abac")
+    assert p.after(["a"]) == [("c", 1.0)]
+    assert p.after(["c"]) == [] and p.after([]) == []
+
+
+def test_markov_counts_transitions():
+    p = fed(Markov(), "abacab")
+    # a->b twice, a->c once
+    assert p.after(["a"]) == [("b", pytest.approx(2 / 3)), ("c", pytest.approx(1 / 3))]
+    assert p.after(["zz"]) == []
+
+
+def test_ppm_uses_the_longer_context_and_falls_back():
+    # after "x a" comes b, after "y a" comes c: order 1 cannot tell, order 2 can
+    p = fed(PPM(order=2), "xab" "yac" "xab" "yac")
+    best_after_xa = p.after(["x", "a"])[0]
+    best_after_ya = p.after(["y", "a"])[0]
+    assert best_after_xa[0] == "b" and best_after_ya[0] == "c"
+    assert best_after_xa[1] > 0.5
+    assert fed(Markov(), "xabyacxabyac").after(["a"])[0][1] == pytest.approx(0.5)
+    # an unseen long context falls back to the shorter one
+    assert p.after(["q", "a"])[0][0] in "bc"
+    assert sum(pr for _, pr in p.after(["x", "a"])) <= 1.0 + 1e-9
+
+
+def test_forecast_rolls_forward_within_the_budget():
+    p = fed(Markov(), "abcd" * 3)
+    assert [k for k, _ in forecast(p, lambda k: 10, budget=30)] == ["a", "b", "c"]
+    assert [k for k, _ in forecast(p, lambda k: 10, budget=1000)] == ["a", "b", "c", "d"]
+    p = fed(Markov(), "abcabdab")  # after b: c or d; the runner-up is listed too
+    keys = [k for k, _ in forecast(p, lambda k: 1, budget=100, min_prob=0.3)]
+    assert keys[:2] == ["c", "d"] or keys[:2] == ["d", "c"]
+
+
+def test_predictive_policy_evicts_the_furthest_expected():
+    pol = PredictivePolicy()
+    for k in "abcd":
+        pol.admit(k, 1)
+    pol.set_forecast(["c", "a"])  # c soonest, then a; b and d not expected
+    assert list(pol.victims()) == ["b", "d", "a", "c"]
+    assert pol.should_admit("c", ["a"])  # c is expected before a
+    assert not pol.should_admit("a", ["c"])  # bypass: a is expected after c
+    assert pol.should_admit("x", ["a"])  # unknown to the forecast: admitted like LRU
+
+
+def test_predictive_policy_approaches_min_on_a_loop():
+    trace = [Request(k, 1) for k in "abcde" * 20]
+    best = belady_min(trace, 3).hits
+    got = simulate(trace, 3, make_policy("predictive"), make_predictor("markov"),
+                   prefetch=False).hits
+    assert simulate(trace, 3, make_policy("lru")).hits == 0
+    assert got >= 0.85 * best
+
+
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+def test_prefetch_never_breaks_the_budget(pattern, monkeypatch):
+    import aattsfs.sim as sim
+    trace = PATTERNS[pattern]()
+    budget = sum({r.path: r.size for r in trace}.values()) // 2
+    peak = []
+    orig = sim.choose_victims
+
+    def watched(policy, need, free, size_of, evictable):
+        peak.append(budget - free)
+        return orig(policy, need, free, size_of, evictable)
+
+    monkeypatch.setattr(sim, "choose_victims", watched)
+    r = simulate(trace, budget, make_policy("predictive"), make_predictor("ppm"))
+    assert max(peak) <= budget
+    assert r.prefetch_used_bytes + r.prefetch_wasted_bytes == r.prefetched_bytes
