@@ -93,8 +93,12 @@ def test_sim_cli(tmp_path):
     assert out["lru"]["hit_ratio"] == 0.0
     assert out["optimum (MIN)"]["hit_ratio"] == pytest.approx(0.45)
     assert out["byte bound"]["byte_hit_ratio"] == pytest.approx(0.45)
+    assert out["predictive+markov"]["hit_ratio"] == pytest.approx(0.45)
     table = run_cli("sim", path, "--budget", "80M", "--policy", "lru").stdout
     assert "lru" in table and "lfu" not in table
+    pf = run_cli("sim", path, "--budget", "80M", "--policy", "lru", "--prefetch",
+                 "--predictor", "ppm").stdout
+    assert "lru+ppm+prefetch" in pf and "precision" in pf
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"op": "open", "path": "a"}\n')
     proc = run_cli("sim", bad, "--budget", "1G", check=False)
