@@ -213,9 +213,9 @@ def trace_generate(pattern, seed):
 @click.option("--policy", "policies", type=click.Choice(sorted(SIM_POLICIES)), multiple=True,
               help="Policy to replay (repeatable) [default: all].")
 @click.option("--predictor", type=click.Choice(sorted(PREDICTORS)), default="markov",
-              show_default=True, help="Predictor feeding the predictive policy and prefetch.")
-@click.option("--prefetch/--no-prefetch", default=False, show_default=True,
-              help="Also stage predicted files ahead of the requests.")
+              show_default=True, help="Predictor of the predictive policy.")
+@click.option("--prefetch", type=click.Choice(sorted(PREDICTORS)), default=None,
+              help="Also stage the files this predictor expects, ahead of the requests.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def sim(trace_file, budget, policies, predictor, prefetch, as_json):
     """Replay TRACE (JSON lines, '-' for stdin) through the daemon's eviction
@@ -232,11 +232,10 @@ def sim(trace_file, budget, policies, predictor, prefetch, as_json):
         raise UserError(f"{trace_file.name} holds no open events")
     rows = {}
     for name in policies or sorted(SIM_POLICIES):
-        uses_predictor = prefetch or name == "predictive"
-        label = f"{name}+{predictor}" if uses_predictor else name
-        rows[label + ("+prefetch" if prefetch else "")] = simulate(
-            requests, budget, make_policy(name),
-            make_predictor(predictor) if uses_predictor else None, prefetch)
+        chosen = prefetch or (predictor if name == "predictive" else None)
+        label = name + (f"+{chosen}" if chosen else "") + ("+prefetch" if prefetch else "")
+        rows[label] = simulate(requests, budget, make_policy(name),
+                               make_predictor(chosen) if chosen else None, bool(prefetch))
     sizes = {r.size for r in requests}
     if len(sizes) == 1:  # MIN is exact for one file size
         rows["optimum (MIN)"] = belady_min(requests, budget // sizes.pop())

@@ -97,7 +97,7 @@ def test_sim_cli(tmp_path):
     table = run_cli("sim", path, "--budget", "80M", "--policy", "lru").stdout
     assert "lru" in table and "lfu" not in table
     pf = run_cli("sim", path, "--budget", "80M", "--policy", "lru", "--prefetch",
-                 "--predictor", "ppm").stdout
+                 "ppm").stdout
     assert "lru+ppm+prefetch" in pf and "precision" in pf
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"op": "open", "path": "a"}\n')
