@@ -147,14 +147,20 @@ def simulate(trace: list[Request], budget: int, policy: EvictionPolicy,
             staged += sizes[key]
             if prob < PREFETCH_MIN_PROB or staged > budget:
                 break
-            if key not in resident and admit(
-                    key, sizes[key],
-                    lambda v, i=i: v != r.path and rank.get(v, len(ahead)) > i):
+            if key not in resident and admit(key, sizes[key],
+                                             _expected_after(rank, i, r.path)):
                 prefetched.add(key)
                 res.prefetched_bytes += sizes[key]
     for key in prefetched:  # staged but never requested before the trace ended
         res.prefetch_wasted_bytes += sizes[key]
     return res
+
+
+def _expected_after(rank: dict[str, int], i: int, current: str):
+    """While staging the i-th expected file: may evict only files expected
+    after it (or not at all), and never the file being opened."""
+    unexpected = len(rank)
+    return lambda key: key != current and rank.get(key, unexpected) > i
 
 
 def _next_uses(trace: list[Request]) -> list[float]:
