@@ -18,24 +18,30 @@ SINGLE_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
-def model_files(rel: str, listdir: Callable[[str], list[str]],
+def model_files(rel: str, exists: Callable[[str], bool],
                 read_json: Callable[[str], dict]) -> list[str]:
     """Files of the model directory that `rel` belongs to, in the order the
     loader reads them, without `rel` itself; [] if rel is not a trigger
-    (config.json, an index, or a weights file of a model directory)."""
+    (config.json, an index, or a weights file of a model directory).
+
+    Asks only whether a handful of names exist, never lists the directory:
+    this runs on every open of such a file, and a directory may be huge."""
     directory, name = posixpath.split(rel)
     if name != "config.json" and name not in INDEX_NAMES and \
             not name.endswith(WEIGHT_SUFFIXES):
         return []
-    names = set(listdir(directory))
-    if "config.json" not in names:
+
+    def here(n: str) -> str:
+        return posixpath.join(directory, n)
+
+    if name != "config.json" and not exists(here("config.json")):
         return []
-    index = next((n for n in INDEX_NAMES if n in names), None)
+    index = next((n for n in INDEX_NAMES if n == name or exists(here(n))), None)
     if index is not None:
-        weight_map = read_json(posixpath.join(directory, index)).get("weight_map", {})
+        weight_map = read_json(here(index)).get("weight_map", {})
         files = [index, *sorted(set(weight_map.values()))]
     else:
-        files = [n for n in SINGLE_WEIGHTS if n in names]
+        files = list(SINGLE_WEIGHTS)
     if name != "config.json" and name not in files:
         return []  # some other .bin next to a model: no prediction
-    return [posixpath.join(directory, f) for f in files if f != name and f in names]
+    return [here(f) for f in files if f != name and exists(here(f))]

@@ -398,7 +398,7 @@ class Store:
         will read next (docs/prefetch.md). Only whole models that fit the
         budget are staged, and staging never evicts the model's own files."""
         try:
-            files = hints.model_files(rel, self.cold.listdir, self._read_json)
+            files = hints.model_files(rel, self.cold.exists, self._read_json)
             versions = {f: self._refresh(f) for f in files}
         except (OSError, ValueError, AttributeError, TypeError):
             return  # not a well-formed model directory: no prediction

@@ -29,6 +29,9 @@ class ColdTier:
     def lstat(self, rel: str) -> os.stat_result:
         return os.lstat(self.path(rel))
 
+    def exists(self, rel: str) -> bool:
+        return os.path.lexists(self.path(rel))
+
     def listdir(self, rel: str) -> list[str]:
         return sorted(os.listdir(self.path(rel)))
 

@@ -143,9 +143,15 @@ def test_fast_tier_budget(tmp_path):
 
 def _model_dir(names, weight_map=None):
     files = {f"m/{n}" for n in names}
-    listdir = lambda d: sorted(p.split("/", 1)[1] for p in files if p.startswith(d + "/"))  # noqa: E731
+    asked = []
+
+    def exists(rel):
+        asked.append(rel)
+        return rel in files
+
     read_json = lambda rel: {"weight_map": weight_map or {}}  # noqa: E731
-    return listdir, read_json
+    exists.asked = asked
+    return exists, read_json
 
 
 def test_hints_sharded_model():
@@ -160,6 +166,8 @@ def test_hints_sharded_model():
     assert model_files("m/model.safetensors.index.json", ld, rj) == shards
     assert model_files(shards[1], ld, rj) == ["m/model.safetensors.index.json", shards[0]]
     assert model_files("m/tokenizer.json", ld, rj) == []
+    # only the names the hint needs are looked up, never the whole directory
+    assert "m/tokenizer.json" not in ld.asked
 
 
 def test_hints_single_file_and_non_models():
