@@ -19,7 +19,8 @@ CONTROL_NAME = ".aatts"
 CONTROL_DIR_INO = 2
 # name -> inode number; numbers stay below namespace.FIRST_DYNAMIC
 CONTROL_FILES = {"stats": 3, "tiers": 4, "trace": 5}
-CONTROL_INOS = {CONTROL_DIR_INO, *CONTROL_FILES.values()}
+CONTROL_NAMES = {ino: name for name, ino in CONTROL_FILES.items()}
+CONTROL_INOS = {CONTROL_DIR_INO, *CONTROL_NAMES}
 
 XATTR_TIER = b"user.aatts.tier"
 XATTR_HITS = b"user.aatts.hits"

@@ -24,16 +24,11 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 
-# handlers whose last argument is the request context (not worth logging)
-_CTX_LAST = {"lookup", "getattr", "readlink", "opendir", "statfs", "open", "getxattr",
-             "listxattr", "setxattr"}
-
-
 def _handler(fn):
     @functools.wraps(fn)
     async def wrapper(self, *args):
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s%r", fn.__name__, args[:-1] if fn.__name__ in _CTX_LAST else args)
+            log.debug("%s%r", fn.__name__, args)
         try:
             return await fn(self, *args)
         except FUSEError:
@@ -196,8 +191,7 @@ class Operations(pyfuse3.Operations):
             self._read_only("open for writing")
         fh = next(self._fh)
         if inode in control.CONTROL_INOS:
-            name = next(n for n, i in control.CONTROL_FILES.items() if i == inode)
-            self._files[fh] = control.render(self.store, name)
+            self._files[fh] = control.render(self.store, control.CONTROL_NAMES[inode])
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
         h = self.store.open(self.ns.path(inode), ctx.pid)
         self._files[fh] = h
@@ -231,7 +225,7 @@ class Operations(pyfuse3.Operations):
     async def getxattr(self, inode, name, ctx):
         if name.startswith((b"security.", b"system.", b"trusted.")):
             # "Not supported" (not "no such attribute") lets ls remember, per
-            # device, not to ask again: see docs/xattrs.md.
+            # device, not to ask again: see docs/inspection.md.
             raise FUSEError(errno.EOPNOTSUPP)
         rel = self._regular(inode)
         if rel is None or name not in control.XATTRS:
