@@ -33,7 +33,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,39 +44,24 @@ sys.path.insert(0, str(REPO / "bench"))
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 from aattsfs.mount import is_mounted  # noqa: E402
+from harness import Wrap, drop_caches, update_doc, wait_promotions  # noqa: E402
+import harness  # noqa: E402
 
 WORK = REPO / "work" / "bench"
 RESULTS = REPO / "bench" / "results"
-DOC = REPO / "docs" / "benchmarks.md"
 TMPFS_COPY = Path("/dev/shm/aattsfs-bench-copy")
 FAST = Path("/dev/shm/aattsfs-bench-fast")
 
 
-def drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
-WRAP = list  # how to run a command that touches the cold tier (a cgroup when throttled)
+WRAP: Wrap = list  # how to run what touches the cold tier (its cgroup when throttled)
 
 
 def load(path: Path) -> float:
-    out = subprocess.run(WRAP([sys.executable, str(REPO / "scripts" / "loadmodel.py"), "hf",
-                               str(path)]), capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+    return harness.load("hf", path, WRAP)["seconds"]
 
 
 def aattsfs(*args) -> None:
-    subprocess.run(WRAP([sys.executable, "-m", "aattsfs", *map(str, args)]), check=True,
-                   cwd=REPO)
-
-
-def wait_promotions(mnt: Path) -> None:
-    deadline = time.monotonic() + 600
-    while json.loads((mnt / ".aatts" / "stats").read_bytes())["promotions_in_flight"]:
-        if time.monotonic() > deadline:
-            raise SystemExit("promotions did not finish within 600 s")
-        time.sleep(0.1)
+    harness.cli(*args, wrap=WRAP)
 
 
 def one_rep(model: Path, mnt: Path, state: Path) -> dict[str, float]:
@@ -140,15 +124,6 @@ def render(summary: dict, args, size: int, command: str) -> str:
     for r in summary["ratios"]:
         lines.append(f"| {r['phase']} / {r['baseline']} | {r['ratio']:.2f}x |")
     return "\n".join(lines) + "\n"
-
-
-def update_doc(section: str, key: str) -> None:
-    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if begin not in text:
-        text += f"\n{begin}\n{end}\n"
-    head, rest = text.split(begin, 1)
-    DOC.write_text(f"{head}{begin}\n{section}{end}{rest.split(end, 1)[1]}")
 
 
 def main() -> None:

