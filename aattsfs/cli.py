@@ -221,7 +221,7 @@ def sim(trace_file, budget, policies, predictor, prefetch, as_json):
     """Replay TRACE (JSON lines, '-' for stdin) through the daemon's eviction
     policies and report each against the offline optimum."""
     from .policy import make_policy
-    from .predict import make_predictor
+    from .learn import Learner
     from .sim import belady_min, byte_bound, read_trace, simulate
 
     try:
@@ -235,7 +235,7 @@ def sim(trace_file, budget, policies, predictor, prefetch, as_json):
         chosen = prefetch or (predictor if name == "predictive" else None)
         label = name + (f"+{chosen}" if chosen else "") + ("+prefetch" if prefetch else "")
         rows[label] = simulate(requests, budget, make_policy(name),
-                               make_predictor(chosen) if chosen else None, bool(prefetch))
+                               Learner(chosen) if chosen else None, bool(prefetch))
     sizes = {r.size for r in requests}
     if len(sizes) == 1:  # MIN is exact for one file size
         rows["optimum (MIN)"] = belady_min(requests, budget // sizes.pop())

@@ -25,10 +25,14 @@ class Predictor(ABC):
     def __init__(self) -> None:
         self.history: list[Key] = []
 
-    def observe(self, key: Key) -> None:
-        self._learn(tuple(self.history[-self.order:]), key)
-        self.history.append(key)
-        del self.history[:-self.order]
+    def observe(self, key: Key, history: list | None = None) -> None:
+        """Learn that `key` follows `history` (by default the predictor's
+        own), and append it there. Several streams can share one predictor's
+        counts by each passing its own history."""
+        h = self.history if history is None else history
+        self._learn(tuple(h[-self.order:]), key)
+        h.append(key)
+        del h[:-self.order]
 
     @abstractmethod
     def _learn(self, context: tuple, key: Key) -> None:
@@ -121,13 +125,15 @@ def make_predictor(name: str) -> Predictor:
 
 
 def forecast(p: Predictor, size_of: Callable[[Key], int], budget: int,
-             max_steps: int = 64, min_prob: float = 0.05) -> list[tuple[Key, float]]:
-    """The files expected next, in the order they are expected, each with the
-    probability of the path that reaches it, until their sizes add up to
-    `budget` or the path becomes less likely than `min_prob`. Follows the most
-    likely successor at each step; the runners-up of the first step are
-    listed after it, since one of them may be next instead."""
-    context = list(p.history)
+             max_steps: int = 64, min_prob: float = 0.05,
+             context: Sequence[Key] | None = None) -> list[tuple[Key, float]]:
+    """The files expected next after `context` (by default the predictor's
+    own history), in the order they are expected, each with the probability
+    of the path that reaches it, until their sizes add up to `budget` or the
+    path becomes less likely than `min_prob`. Follows the most likely
+    successor at each step; the runners-up of the first step are listed
+    after it, since one of them may be next instead."""
+    context = list(p.history if context is None else context)
     seen: set = set()
     out: list[tuple[Key, float]] = []
     used, prob = 0, 1.0

@@ -17,21 +17,19 @@ from __future__ import annotations
 import heapq
 import json
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Hashable, Iterable
 
+from .learn import RANK_HORIZON, RANK_STEPS, Learner, expected_by, staging
 from .policy import EvictionPolicy, PredictivePolicy, choose_victims
-from .predict import Predictor, forecast
 
 INF = float("inf")
-PREFETCH_MIN_PROB = 0.5  # stage a file only if it is more likely needed than not
-RANK_HORIZON = 4  # budgets' worth of forecast the predictive policy ranks by
-RANK_STEPS = 1024
 
 
 @dataclass(frozen=True)
 class Request:
     path: str
     size: int
+    stream: Hashable = None  # the opening process; None: one stream throughout
 
 
 @dataclass
@@ -79,16 +77,17 @@ def read_trace(lines: Iterable[str]) -> list[Request]:
         try:
             ev = json.loads(line)
             if ev.get("op", "open") == "open":
-                out.append(Request(str(ev["path"]), int(ev["size"])))
+                stream = (ev["pid"], ev.get("start")) if "pid" in ev else None
+                out.append(Request(str(ev["path"]), int(ev["size"]), stream))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"line {n} is not a trace event ({exc})") from None
     return out
 
 
 def simulate(trace: list[Request], budget: int, policy: EvictionPolicy,
-             predictor: Predictor | None = None, prefetch: bool = True) -> Result:
+             learner: Learner | None = None, prefetch: bool = True) -> Result:
     """Replay opens through `policy`: a miss admits the whole file if it fits
-    the budget, evicting as the daemon would. With a `predictor`, every open
+    the budget, evicting as the daemon would. With a `learner`, every open
     also updates its forecast, which a predictive policy ranks evictions by
     and, if `prefetch`, which is staged ahead of the requests. A prefetch
     never evicts a file expected sooner than the one it brings in."""
@@ -98,11 +97,12 @@ def simulate(trace: list[Request], budget: int, policy: EvictionPolicy,
     sizes: dict[str, int] = {}
     free = budget
 
-    def admit(path: str, size: int, evictable) -> bool:
+    def admit(path: str, size: int, protect: set = frozenset()) -> bool:
         nonlocal free
         if size > budget:
             return False
-        victims, enough = choose_victims(policy, size, free, resident.__getitem__, evictable)
+        victims, enough = choose_victims(policy, size, free, resident.__getitem__,
+                                         lambda key: key not in protect)
         if not enough or not policy.should_admit(path, victims):
             return False
         for key in victims:
@@ -121,13 +121,13 @@ def simulate(trace: list[Request], budget: int, policy: EvictionPolicy,
         res.bytes_requested += r.size
         sizes[r.path] = r.size
         ahead: list = []
-        if predictor is not None:
+        if learner is not None:
             # observe first: admission judges the file's next use after this one
-            predictor.observe(r.path)
+            learner.observe(r.stream, r.path)
             # rank evictions over a longer horizon than what is staged, so that
             # files beyond the next budget's worth are still told apart
-            ahead = forecast(predictor, sizes.__getitem__, RANK_HORIZON * budget,
-                             max_steps=RANK_STEPS)
+            ahead = learner.forecast([r.stream], sizes.__getitem__, RANK_HORIZON * budget,
+                                     max_steps=RANK_STEPS)
             if isinstance(policy, PredictivePolicy):
                 policy.set_forecast([k for k, _ in ahead])
         if r.path in resident:
@@ -138,29 +138,17 @@ def simulate(trace: list[Request], budget: int, policy: EvictionPolicy,
                 prefetched.discard(r.path)
                 res.prefetch_used_bytes += r.size
         else:
-            admit(r.path, r.size, lambda _key: True)
+            admit(r.path, r.size)
         if not (prefetch and ahead):
             continue
-        rank = {k: i for i, (k, _) in enumerate(ahead)}
-        staged = 0
-        for i, (key, prob) in enumerate(ahead):
-            staged += sizes[key]
-            if prob < PREFETCH_MIN_PROB or staged > budget:
-                break
-            if key not in resident and admit(key, sizes[key],
-                                             _expected_after(rank, i, r.path)):
+        for i in staging(ahead, sizes.__getitem__, budget):
+            key = ahead[i][0]
+            if key not in resident and admit(key, sizes[key], expected_by(ahead, i) | {r.path}):
                 prefetched.add(key)
                 res.prefetched_bytes += sizes[key]
     for key in prefetched:  # staged but never requested before the trace ended
         res.prefetch_wasted_bytes += sizes[key]
     return res
-
-
-def _expected_after(rank: dict[str, int], i: int, current: str):
-    """While staging the i-th expected file: may evict only files expected
-    after it (or not at all), and never the file being opened."""
-    unexpected = len(rank)
-    return lambda key: key != current and rank.get(key, unexpected) > i
 
 
 def _next_uses(trace: list[Request]) -> list[float]:

@@ -17,7 +17,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from aattsfs.policy import make_policy  # noqa: E402
-from aattsfs.predict import make_predictor  # noqa: E402
+from aattsfs.learn import Learner  # noqa: E402
 from aattsfs.sim import belady_min, byte_bound, simulate  # noqa: E402
 from aattsfs.tracegen import PATTERNS  # noqa: E402
 from harness import update_doc  # noqa: E402
@@ -54,14 +54,14 @@ def main() -> None:
         cells = []
         for _, policy, pred in DEMAND:
             r = simulate(trace, budget, make_policy(policy),
-                         make_predictor(pred) if pred else None, prefetch=False)
+                         Learner(pred) if pred else None, prefetch=False)
             frac = f" ({r.byte_hit_ratio / best:.2f})" if best else ""
             cells.append(f"{r.byte_hit_ratio:.3f}{frac}")
         demand.append(f"| {pattern} | {len(trace)} | " + " | ".join(cells) +
                       f" | {best:.3f} |")
         cells = []
         for _, policy, pred in PREFETCH:
-            r = simulate(trace, budget, make_policy(policy), make_predictor(pred))
+            r = simulate(trace, budget, make_policy(policy), Learner(pred))
             cells.append(f"{r.cold_bytes / opt.cold_bytes:.2f}x, {r.precision:.2f} / "
                          f"{r.recall:.2f}")
         prefetch.append(f"| {pattern} | " + " | ".join(cells) + " |")

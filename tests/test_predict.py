@@ -4,7 +4,8 @@ hand-checked sequences."""
 import pytest
 
 from aattsfs.policy import PredictivePolicy, make_policy
-from aattsfs.predict import LastSuccessor, Markov, PPM, forecast, make_predictor
+from aattsfs.learn import Learner, expected_by, staging
+from aattsfs.predict import LastSuccessor, Markov, PPM, forecast
 from aattsfs.sim import Request, belady_min, simulate
 from aattsfs.tracegen import PATTERNS
 
@@ -64,7 +65,7 @@ def test_predictive_policy_evicts_the_furthest_expected():
 def test_predictive_policy_approaches_min_on_a_loop():
     trace = [Request(k, 1) for k in "abcde" * 20]
     best = belady_min(trace, 3).hits
-    got = simulate(trace, 3, make_policy("predictive"), make_predictor("markov"),
+    got = simulate(trace, 3, make_policy("predictive"), Learner("markov"),
                    prefetch=False).hits
     assert simulate(trace, 3, make_policy("lru")).hits == 0
     assert got >= 0.85 * best
@@ -83,6 +84,55 @@ def test_prefetch_never_breaks_the_budget(pattern, monkeypatch):
         return orig(policy, need, free, size_of, evictable)
 
     monkeypatch.setattr(sim, "choose_victims", watched)
-    r = simulate(trace, budget, make_policy("predictive"), make_predictor("ppm"))
+    r = simulate(trace, budget, make_policy("predictive"), Learner("ppm"))
     assert max(peak) <= budget
     assert r.prefetch_used_bytes + r.prefetch_wasted_bytes == r.prefetched_bytes
+
+
+def test_streams_learn_their_own_order_when_interleaved():
+    lr = Learner("markov")
+    for a, x in zip("abc", "xyz"):  # two processes open files in turn
+        lr.observe(1, a)
+        lr.observe(2, x)
+    assert lr.within.after(["a"]) == [("b", 1.0)]
+    assert lr.within.after(["x"]) == [("y", 1.0)]
+    size = {k: 1 for k in "abcxyz"}.__getitem__
+    lr.observe(3, "a")
+    # its own rest, then the process that came after one starting with "a"
+    assert [k for k, _ in lr.forecast([3], size, 5)] == ["b", "c", "x", "y", "z"]
+
+
+def test_the_chain_of_processes_stages_the_next_model():
+    lr = Learner("markov")
+    pid = 0
+    for _ in range(3):  # a pipeline of fresh processes: model A, then model B
+        for model in ("A", "B"):
+            pid += 1
+            for f in ("config", "w1", "w2"):
+                lr.observe(pid, f"{model}/{f}")
+    lr.observe(pid + 1, "A/config")
+    ahead = lr.forecast([pid + 1], lambda k: 1, 100)
+    # the rest of A, then B, then A again (its files are already listed)
+    assert [k for k, _ in ahead] == ["A/w1", "A/w2", "B/config", "B/w1", "B/w2", "A/config"]
+    assert all(p >= 0.5 for _, p in ahead)
+    # the byte budget cuts the look-ahead
+    assert [k for k, _ in lr.forecast([pid + 1], lambda k: 1, 3)] == \
+        ["A/w1", "A/w2", "B/config"]
+
+
+def test_hints_come_first_and_skip_what_the_process_already_opened():
+    lr = Learner("markov")
+    model = {"m/config": ["m/index", "m/s1", "m/s2"], "m/s1": ["m/config", "m/index", "m/s2"]}
+    hints = lambda k: model.get(k, [])  # noqa: E731
+    lr.observe(7, "m/config")
+    assert [k for k, _ in lr.forecast([7], lambda k: 1, 100, hints)] == \
+        ["m/index", "m/s1", "m/s2"]
+    lr.observe(7, "m/index")
+    lr.observe(7, "m/s1")
+    assert [k for k, _ in lr.forecast([7], lambda k: 1, 100, hints)] == ["m/s2"]
+
+
+def test_staging_takes_likely_files_up_to_the_budget():
+    ahead = [("a", 1.0), ("b", 0.3), ("c", 0.6), ("d", 0.9), ("e", 0.9)]
+    assert staging(ahead, lambda k: 10, 30) == [0, 2, 3]
+    assert expected_by(ahead, 2) == {"a", "b", "c"}

@@ -1,0 +1,143 @@
+"""Learning the open sequence of many processes at once, and turning it into
+the list of files to stage. Plain synchronous code, shared by the daemon's
+prefetcher and the simulator (docs/prediction.md explains the design).
+
+Two orders are learned, with the same predictor class:
+
+- *within* a process (a stream, keyed by pid and process start time): one
+  predictor's counts shared by every stream, each stream with its own
+  context, so a loader's order is learned from every run of it and two
+  processes loading at once do not garble each other's context;
+- *across* processes: the chain of the first file each process opens
+  (typically a model's `config.json`), whose successor says which model a
+  pipeline of fresh processes loads next.
+
+A forecast lists the rest of each live stream (format hints of its latest
+open, then the learned continuation), then the next processes of the chain,
+each expanded into the files it is expected to open.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Hashable, Iterable, Sequence
+
+from .predict import Key, forecast, make_predictor
+
+PREFETCH_MIN_PROB = 0.5  # stage a file only if it is more likely needed than not
+RANK_HORIZON = 4  # budgets' worth of forecast the predictive policy ranks by
+RANK_STEPS = 1024
+MAX_STREAMS = 1024  # streams remembered; the oldest is forgotten first
+
+Stream = Hashable
+Forecast = list[tuple[Key, float]]
+
+
+def _no_hints(key: Key) -> list[Key]:
+    return []
+
+
+class Learner:
+    def __init__(self, predictor: str) -> None:
+        self.within = make_predictor(predictor)
+        self.chain = make_predictor(predictor)
+        # stream -> (context, files opened so far)
+        self.streams: OrderedDict[Stream, tuple[list, set]] = OrderedDict()
+
+    def observe(self, stream: Stream, key: Key) -> bool:
+        """`stream` opened `key`; True if that was the stream's first open."""
+        state = self.streams.get(stream)
+        first = state is None
+        if first:
+            state = self.streams[stream] = ([], set())
+            self.chain.observe(key)
+            while len(self.streams) > MAX_STREAMS:
+                self.streams.popitem(last=False)
+        else:
+            self.streams.move_to_end(stream)
+        self.within.observe(key, state[0])
+        state[1].add(key)
+        return first
+
+    def forget(self, stream: Stream) -> None:
+        self.streams.pop(stream, None)
+
+    def forecast(self, streams: Iterable[Stream], size_of: Callable[[Key], int],
+                 budget: int, hints: Callable[[Key], list[Key]] = _no_hints,
+                 max_steps: int = 64) -> Forecast:
+        """The files expected next, soonest first, with probabilities, until
+        their sizes add up to `budget`: the rest of each of `streams` (most
+        urgent first, interleaved), then the processes the chain expects
+        next. `hints(key)` lists the files a loader reads after opening key."""
+        parts = []
+        for s in streams:
+            if s in self.streams:
+                context, opened = self.streams[s]
+                parts.append(self._continuation(context, 1.0, size_of, budget, hints,
+                                                max_steps, opened))
+        out = _merge(parts)
+        for first, p in forecast(self.chain, lambda k: 0, budget, max_steps=8):
+            if sum(size_of(k) for k, _ in out) >= budget:
+                break
+            out = _concat(out, [(first, p)], self._continuation(
+                [first], p, size_of, budget, hints, max_steps, {first}))
+        return _until(out, size_of, budget)
+
+    def _continuation(self, context: Sequence[Key], p0: float, size_of, budget: int,
+                      hints, max_steps: int, opened: set) -> Forecast:
+        """What follows `context` (reached with probability p0): the files the
+        format hints name, except those this process already opened (a loader
+        reads each once), then the learned order."""
+        hinted = [(k, p0) for k in hints(context[-1]) if k not in opened]
+        learned = [(k, p0 * q) for k, q in forecast(self.within, size_of, budget,
+                                                    max_steps=max_steps, context=context)]
+        return _concat(hinted, learned)
+
+
+def _merge(parts: list[Forecast]) -> Forecast:
+    """Interleave forecasts of streams running side by side (the first of
+    each, then the second ...), keeping each file's soonest place."""
+    return _concat([part[i] for i in range(max(map(len, parts), default=0))
+                    for part in parts if i < len(part)])
+
+
+def _concat(*parts: Iterable[tuple[Key, float]]) -> Forecast:
+    """One forecast after the other, keeping each file's soonest place."""
+    out: Forecast = []
+    seen: set = set()
+    for part in parts:
+        for key, p in part:
+            if key not in seen:
+                seen.add(key)
+                out.append((key, p))
+    return out
+
+
+def _until(ahead: Forecast, size_of: Callable[[Key], int], budget: int) -> Forecast:
+    used = 0
+    for i, (key, _) in enumerate(ahead):
+        used += size_of(key)
+        if used >= budget:
+            return ahead[:i + 1]
+    return ahead
+
+
+def staging(ahead: Forecast, size_of: Callable[[Key], int], budget: int,
+            min_prob: float = PREFETCH_MIN_PROB) -> list[int]:
+    """Positions in `ahead` worth staging: files more likely needed than not,
+    soonest first, up to `budget` bytes. Staging the i-th may evict only
+    files not among ahead[:i + 1] (see `expected_by`)."""
+    out, staged = [], 0
+    for i, (key, prob) in enumerate(ahead):
+        if prob < min_prob:
+            continue
+        staged += size_of(key)
+        if staged > budget:
+            break
+        out.append(i)
+    return out
+
+
+def expected_by(ahead: Forecast, i: int) -> set:
+    """The files expected no later than the i-th: staging it must not evict them."""
+    return {k for k, _ in ahead[:i + 1]}
