@@ -12,7 +12,7 @@ import click
 
 from .control import CONTROL_NAME, XATTR_PINNED, XATTR_TIER
 from .errors import UserError
-from .policy import POLICIES, SIM_POLICIES
+from .policy import POLICIES
 from .predict import PREDICTORS
 from .tracegen import PATTERNS, write_trace
 from .units import format_size, parse_size
@@ -53,18 +53,29 @@ def cli():
 @click.option("--read-ahead", type=SizeType(), default="1M", show_default=True,
               help="Kernel readahead of the mount, the size of read requests.")
 @click.option("--prefetch/--no-prefetch", default=True, show_default=True,
-              help="Stage a model's weight files when its config or index is opened.")
+              help="Stage the files expected next (learned order and model-format "
+              "hints) before they are opened.")
+@click.option("--predictor", type=click.Choice(sorted(PREDICTORS)), default="markov",
+              show_default=True, help="How the order of opens is learned.")
+@click.option("--prefetch-jobs", type=click.IntRange(1, 16), default=2, show_default=True,
+              help="Files the prefetcher promotes at once.")
+@click.option("--prefetch-bandwidth", type=SizeType(), default=None,
+              help="Cap on the cold-tier bytes per second read by prefetching, e.g. 100M "
+              "[default: no cap].")
 @click.option("--allow-other", is_flag=True, help="Let other users access the mount.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground "
               "(for systemd and debugging); log to stderr.")
 @click.option("--debug", is_flag=True, help="Log every FUSE request (very verbose).")
 def mount(cold_dir, mountpoint, fast_dir, fast_size, state_dir, policy, read_ahead,
-          prefetch, allow_other, foreground, debug):
+          prefetch, predictor, prefetch_jobs, prefetch_bandwidth, allow_other, foreground,
+          debug):
     """Mount COLD_DIR on MOUNTPOINT."""
     from .mount import MountConfig, daemonize, run_foreground
 
     cfg = MountConfig(cold_dir, mountpoint, fast_size, fast_dir, state_dir, policy,
-                      allow_other, debug, read_ahead=read_ahead, prefetch=prefetch)
+                      allow_other, debug, read_ahead=read_ahead, prefetch=prefetch,
+                      predictor=predictor, prefetch_jobs=prefetch_jobs,
+                      prefetch_bandwidth=prefetch_bandwidth or 0)
     if foreground:
         run_foreground(cfg)
     else:
@@ -100,7 +111,7 @@ def status(mountpoint, as_json):
         click.echo(raw.decode(), nl=False)
         return
     s = json.loads(raw)
-    ft = s["fast_tier"]
+    ft, pf = s["fast_tier"], s["prefetch"]
     opens = s["opens"]["fast"] + s["opens"]["cold"]
     reads = s["reads"]["fast"] + s["reads"]["cold"]
     rows = [
@@ -113,8 +124,10 @@ def status(mountpoint, as_json):
         ("bytes served", f"{format_size(s['bytes_served']['fast'])} fast, "
                          f"{format_size(s['bytes_served']['cold'])} cold"),
         ("cold bytes read", format_size(s["cold_bytes_read"])),
-        ("prefetches", f"{s['prefetches']} ({format_size(s['prefetched_bytes'])}) "
-                       "started by a model-format hint"),
+        ("prefetched", f"{pf['prefetches']} files ({format_size(pf['prefetched_bytes'])}): "
+                       f"{format_size(pf['used_bytes'])} used, "
+                       f"{format_size(pf['wasted_bytes'])} wasted, {pf['cancelled']} cancelled"),
+        ("demand misses", f"{pf['demand_misses']} ({format_size(pf['demand_miss_bytes'])})"),
         ("promotions", f"{s['promotions']} ({format_size(s['promoted_bytes'])}), "
                        f"{s['promotions_in_flight']} in flight, {s['promotions_failed']} failed, "
                        f"{s['promotions_cancelled']} cancelled"),
@@ -210,7 +223,7 @@ def trace_generate(pattern, seed):
 @cli.command()
 @click.argument("trace_file", type=click.File("r"), metavar="TRACE")
 @click.option("--budget", type=SizeType(), required=True, help="Fast-tier budget, e.g. 2G.")
-@click.option("--policy", "policies", type=click.Choice(sorted(SIM_POLICIES)), multiple=True,
+@click.option("--policy", "policies", type=click.Choice(sorted(POLICIES)), multiple=True,
               help="Policy to replay (repeatable) [default: all].")
 @click.option("--predictor", type=click.Choice(sorted(PREDICTORS)), default="markov",
               show_default=True, help="Predictor of the predictive policy.")
@@ -231,7 +244,7 @@ def sim(trace_file, budget, policies, predictor, prefetch, as_json):
     if not requests:
         raise UserError(f"{trace_file.name} holds no open events")
     rows = {}
-    for name in policies or sorted(SIM_POLICIES):
+    for name in policies or sorted(POLICIES):
         chosen = prefetch or (predictor if name == "predictive" else None)
         label = name + (f"+{chosen}" if chosen else "") + ("+prefetch" if prefetch else "")
         rows[label] = simulate(requests, budget, make_policy(name),

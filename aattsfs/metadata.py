@@ -3,9 +3,12 @@
 Databases (schema version in `meta`):
 
 - ``files``:  relative path -> JSON `FileRecord` (what the daemon knows of it)
-- ``trans``:  ``src\\0dst``  -> 8-byte count of "dst opened right after src"
 - ``trace``:  8-byte sequence number -> JSON access event (a bounded ring)
 - ``meta``:   ``schema`` -> version, ``trace_next`` -> next sequence number
+
+The trace is the learned state: the daemon replays it through its learner
+at start (docs/prediction.md says why no counts are stored). Schema 1 also
+kept global transition counts (``trans``); opening it drops them.
 
 The daemon keeps its working state in memory and hands this module batches
 (`write_batch`) from a periodic flush, so no read request ever waits on an
@@ -22,7 +25,6 @@ import logging
 import os
 import struct
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
@@ -30,7 +32,7 @@ import lmdb
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 TRACE_CAPACITY = 100_000
 _U64 = struct.Struct(">Q")
 
@@ -77,11 +79,13 @@ class MetaStore:
         self.env = lmdb.open(self.path, map_size=self._map_size, max_dbs=4,
                              subdir=True, sync=True, metasync=True)
         self._files = self.env.open_db(b"files")
-        self._trans = self.env.open_db(b"trans")
         self._trace = self.env.open_db(b"trace")
         self._meta = self.env.open_db(b"meta")
         with self.env.begin(write=True) as txn:
             version = txn.get(b"schema", db=self._meta)
+            if version is not None and int(version) == 1:
+                txn.drop(self.env.open_db(b"trans", txn=txn), delete=True)
+                version = None
             if version is None:
                 txn.put(b"schema", str(SCHEMA_VERSION).encode(), db=self._meta)
             elif int(version) != SCHEMA_VERSION:
@@ -101,21 +105,15 @@ class MetaStore:
             return {k.decode(): FileRecord.decode(v) for k, v in txn.cursor()}
 
     def write_batch(self, files: dict[str, FileRecord | None],
-                    transitions: Counter | None = None,
                     events: Iterable[dict] = ()) -> None:
-        """Persist one batch: changed records (None deletes), transition
-        increments keyed (src, dst), and new trace events, in one transaction."""
+        """Persist one batch: changed records (None deletes) and new trace
+        events, in one transaction."""
         with self.env.begin(write=True) as txn:
             for rel, rec in files.items():
                 if rec is None:
                     txn.delete(rel.encode(), db=self._files)
                 else:
                     txn.put(rel.encode(), rec.encode(), db=self._files)
-            for (src, dst), n in (transitions or {}).items():
-                key = src.encode() + b"\0" + dst.encode()
-                old = txn.get(key, db=self._trans)
-                total = n + (_U64.unpack(old)[0] if old else 0)
-                txn.put(key, _U64.pack(total), db=self._trans)
             events = list(events)
             if events:
                 raw = txn.get(b"trace_next", db=self._meta)
@@ -126,18 +124,6 @@ class MetaStore:
                         txn.delete(_U64.pack(seq - TRACE_CAPACITY), db=self._trace)
                     seq += 1
                 txn.put(b"trace_next", _U64.pack(seq), db=self._meta)
-
-    def transitions_from(self, src: str) -> dict[str, int]:
-        prefix = src.encode() + b"\0"
-        out = {}
-        with self.env.begin(db=self._trans) as txn:
-            cur = txn.cursor()
-            if cur.set_range(prefix):
-                for k, v in cur:
-                    if not k.startswith(prefix):
-                        break
-                    out[k[len(prefix):].decode()] = _U64.unpack(v)[0]
-        return out
 
     def events(self) -> list[dict]:
         """The trace ring, oldest first."""

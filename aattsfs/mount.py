@@ -28,6 +28,7 @@ from .errors import UserError
 from .fs import Operations
 from .metadata import MetaStore
 from .policy import make_policy
+from .prefetcher import Prefetcher
 from .store import Store
 from .tiers import ColdTier, FastTier
 from .units import format_size
@@ -50,6 +51,9 @@ class MountConfig:
     timeout: float = 1.0
     read_ahead: int = 1 << 20
     prefetch: bool = True
+    predictor: str = "markov"
+    prefetch_jobs: int = 2  # promotions the prefetcher runs at once
+    prefetch_bandwidth: int = 0  # bytes/s of cold reads for prefetch; 0: no cap
 
 
 def mount_key(mountpoint: str) -> str:
@@ -250,8 +254,10 @@ def run_foreground(cfg: MountConfig) -> None:
     lock_fd = _lock_state_dir(cfg.state_dir)
     meta = MetaStore(os.path.join(cfg.state_dir, "lmdb"))
     store = Store(ColdTier(cfg.cold), FastTier(cfg.fast_dir, cfg.fast_size), meta,
-                  make_policy(cfg.policy), prefetch=cfg.prefetch)
+                  make_policy(cfg.policy), prefetch_rate=cfg.prefetch_bandwidth)
     store.recover()
+    prefetcher = Prefetcher(store, cfg.predictor, cfg.prefetch, cfg.prefetch_jobs)
+    prefetcher.learn_from(meta.events())
     ops = Operations(store, timeout=cfg.timeout)
     options = set(pyfuse3.default_options) | {"fsname=aattsfs", "subtype=aattsfs"}
     if cfg.allow_other:
@@ -261,11 +267,12 @@ def run_foreground(cfg: MountConfig) -> None:
     except RuntimeError as exc:
         meta.close()
         raise UserError(f"mounting {cfg.mountpoint} failed: {exc}") from None
-    log.info("mounted %s on %s (fast tier %s, budget %s, policy %s)", cfg.cold,
-             cfg.mountpoint, cfg.fast_dir, format_size(cfg.fast_size), cfg.policy)
+    log.info("mounted %s on %s (fast tier %s, budget %s, policy %s, prefetch %s)", cfg.cold,
+             cfg.mountpoint, cfg.fast_dir, format_size(cfg.fast_size), cfg.policy,
+             cfg.predictor if cfg.prefetch else "off")
     unmount = True
     try:
-        unmount = trio.run(_serve, store, cfg)
+        unmount = trio.run(_serve, store, prefetcher, cfg)
     finally:
         store.flush()  # the trio loop has ended: no promotion is left
         meta.close()
@@ -274,12 +281,13 @@ def run_foreground(cfg: MountConfig) -> None:
         log.info("unmounted %s", cfg.mountpoint)
 
 
-async def _serve(store: Store, cfg: MountConfig) -> bool:
+async def _serve(store: Store, prefetcher: Prefetcher, cfg: MountConfig) -> bool:
     """Run until unmounted from outside (returns False) or told to stop by a
     signal (returns True: we still have to unmount)."""
     stopped_by_signal = False
     async with trio.open_nursery() as nursery:
         await nursery.start(store.run)
+        await nursery.start(prefetcher.run)
 
         async def watch_signals():
             nonlocal stopped_by_signal

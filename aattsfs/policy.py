@@ -140,11 +140,9 @@ def choose_victims(policy: EvictionPolicy, need: int, free: int,
     return chosen, free >= need
 
 
-# What `aattsfs mount --policy` offers. The predictive policy needs a
-# forecast on every open, which only the simulator feeds it so far.
-POLICIES: dict[str, type[EvictionPolicy]] = {p.name: p for p in (LRUPolicy, LFUPolicy)}
-SIM_POLICIES: dict[str, type[EvictionPolicy]] = {**POLICIES, "predictive": PredictivePolicy}
+POLICIES: dict[str, type[EvictionPolicy]] = {
+    p.name: p for p in (LRUPolicy, LFUPolicy, PredictivePolicy)}
 
 
 def make_policy(name: str) -> EvictionPolicy:
-    return SIM_POLICIES[name]()
+    return POLICIES[name]()

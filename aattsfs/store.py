@@ -26,18 +26,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
 import stat
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 
 import lmdb
 import trio
 
-from . import hints
 from .metadata import FileRecord, MetaStore
 from .policy import EvictionPolicy, choose_victims
 from .tiers import ColdTier, FastTier
@@ -46,6 +43,8 @@ log = logging.getLogger(__name__)
 
 CHUNK = 4 << 20
 FLUSH_INTERVAL = 1.0
+EVENT_BUFFER = 10_000  # access events waiting for the prefetcher; more are dropped
+MAX_RANGES = 256  # read ranges recorded per open; the rest are counted, not listed
 
 
 def _copy_range(src: int, dst: int, off: int, length: int) -> int:
@@ -64,9 +63,23 @@ def version_of(st: os.stat_result) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
+class Pacer:
+    """Spaces out transfers so that they average at most `rate` bytes/s."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self._next = 0.0
+
+    def delay(self, nbytes: int, now: float) -> float:
+        """Seconds to wait before moving `nbytes`."""
+        start = max(now, self._next)
+        self._next = start + nbytes / self.rate
+        return start - now
+
+
 class Promotion:
     def __init__(self, store: "Store", rel: str, version: tuple[int, int],
-                 cold_fd: int, tmp_path: str, tmp_fd: int) -> None:
+                 cold_fd: int, tmp_path: str, tmp_fd: int, prefetch: bool) -> None:
         self.store = store
         self.rel = rel
         self.version = version
@@ -80,6 +93,8 @@ class Promotion:
         self.done = trio.Event()
         self.failed = False
         self.cancelled = False
+        self.committed = False  # renamed into place; a cancel may still arrive after
+        self.prefetch = prefetch  # the filler is paced until a process opens the file
 
     async def _fetch(self, idx: int) -> None:
         self.state[idx] = 1
@@ -126,6 +141,8 @@ class Promotion:
                     if not self._alive():
                         break
                     if self.state[idx] == 0:
+                        await self.store.pace(self, min(CHUNK, self.size - idx * CHUNK))
+                    if self.state[idx] == 0 and self._alive():
                         await self._fetch(idx)
                     elif self.state[idx] == 1:
                         await self.fetched[idx].wait()
@@ -137,6 +154,7 @@ class Promotion:
                         await trio.to_thread.run_sync(
                             self.store.fast.commit, self.tmp_path, self.tmp_fd, self.rel,
                             self.version[1], limiter=self.store.io_limiter)
+                        self.committed = True
         except OSError as exc:
             log.warning("promotion of %s failed: %s", self.rel, exc)
             self.failed = True
@@ -157,10 +175,22 @@ class Handle:
     rel: str
     version: tuple[int, int]
     entry: "Entry"
+    pid: int = 0
     fast_fd: int | None = None
     cold_fd: int | None = None
     prom: Promotion | None = None
     tried_promotion: bool = False
+    ranges: list = field(default_factory=list)  # [offset, length] read, coalesced
+    more_ranges: int = 0  # reads beyond MAX_RANGES
+
+    def note_read(self, off: int, n: int) -> None:
+        last = self.ranges[-1] if self.ranges else None
+        if last is not None and last[0] + last[1] == off:
+            last[1] += n
+        elif len(self.ranges) < MAX_RANGES:
+            self.ranges.append([off, n])
+        else:
+            self.more_ranges += 1
 
 
 @dataclass(eq=False)
@@ -169,6 +199,7 @@ class Entry:
     fast_bytes: int = 0  # bytes this file's committed copy holds in the budget
     prom: Promotion | None = None
     handles: set = field(default_factory=set)
+    prefetched: bool = False  # staged by the prefetcher and not opened since
 
 
 @dataclass
@@ -185,8 +216,14 @@ class Stats:
     promoted_bytes: int = 0
     promotions_failed: int = 0  # the cold tier could not be read
     promotions_cancelled: int = 0  # evicted or changed while being promoted
-    prefetches: int = 0  # promotions started by a hint, before any read
+    prefetches: int = 0  # promotions started by the prefetcher, before any open
     prefetched_bytes: int = 0
+    prefetch_used_bytes: int = 0  # prefetched, then opened
+    prefetch_wasted_bytes: int = 0  # prefetched, then evicted or cancelled unopened
+    prefetches_cancelled: int = 0  # stale: the forecast went elsewhere
+    demand_misses: int = 0  # opens that found the file neither fast nor on its way
+    demand_miss_bytes: int = 0
+    events_dropped: int = 0  # the prefetcher fell behind by EVENT_BUFFER events
     evictions: int = 0
     evicted_bytes: int = 0
     invalidations: int = 0
@@ -195,7 +232,7 @@ class Stats:
 class Store:
     def __init__(self, cold: ColdTier, fast: FastTier, meta: MetaStore,
                  policy: EvictionPolicy, io_threads: int = 8,
-                 max_promotions: int = 2, prefetch: bool = True) -> None:
+                 max_promotions: int = 2, prefetch_rate: int = 0) -> None:
         self.cold = cold
         self.fast = fast
         self.meta = meta
@@ -203,13 +240,13 @@ class Store:
         self.io_limiter = trio.CapacityLimiter(io_threads)
         self.promote_limiter = trio.CapacityLimiter(max_promotions)
         self.stats = Stats()
-        self.prefetch = prefetch
+        self._pacer = Pacer(prefetch_rate) if prefetch_rate else None
         self.entries: dict[str, Entry] = {rel: Entry(rec) for rel, rec in meta.records.items()}
         self._nursery: trio.Nursery | None = None
         self._dirty: set[str] = set()
-        self._transitions: Counter = Counter()
-        self._events: list[dict] = []
-        self._last_open: str | None = None
+        self._events: list[dict] = []  # trace events not yet in LMDB
+        # Access events for the prefetcher: the read path never waits on them.
+        self.events_out, self.events_in = trio.open_memory_channel(EVENT_BUFFER)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -272,14 +309,29 @@ class Store:
                         rel, os.strerror(exc.errno))
 
     def flush(self) -> None:
-        if not (self._dirty or self._transitions or self._events):
+        if not (self._dirty or self._events):
             return
         batch = {rel: self.entries[rel].record if rel in self.entries else None
                  for rel in self._dirty}
-        transitions, events = self._transitions, self._events
-        self._dirty, self._transitions, self._events = set(), Counter(), []
-        self.meta.write_batch(batch, transitions, events)
+        events = self._events
+        self._dirty, self._events = set(), []
+        self.meta.write_batch(batch, events)
 
+    def record_event(self, event: dict) -> None:
+        """Keep an access event for the trace (flushed to LMDB)."""
+        self._events.append(event)
+
+    def _emit(self, event: dict) -> None:
+        try:
+            self.events_out.send_nowait(event)
+        except trio.WouldBlock:
+            self.stats.events_dropped += 1
+
+    async def pace(self, prom: Promotion, nbytes: int) -> None:
+        """Hold a prefetch's filler to the cold-tier bandwidth cap, until a
+        process opens the file (then it is a demand read)."""
+        if self._pacer is not None and prom.prefetch and not self.entries[prom.rel].handles:
+            await trio.sleep(self._pacer.delay(nbytes, trio.current_time()))
 
     # -- queries -----------------------------------------------------------
 
@@ -319,8 +371,16 @@ class Store:
             "promotions_failed": s.promotions_failed,
             "promotions_cancelled": s.promotions_cancelled,
             "promotions_in_flight": sum(1 for e in self.entries.values() if e.prom),
-            "prefetches": s.prefetches,
-            "prefetched_bytes": s.prefetched_bytes,
+            "prefetch": {
+                "prefetches": s.prefetches,
+                "prefetched_bytes": s.prefetched_bytes,
+                "used_bytes": s.prefetch_used_bytes,
+                "wasted_bytes": s.prefetch_wasted_bytes,
+                "cancelled": s.prefetches_cancelled,
+                "demand_misses": s.demand_misses,
+                "demand_miss_bytes": s.demand_miss_bytes,
+                "events_dropped": s.events_dropped,
+            },
             "evictions": s.evictions,
             "evicted_bytes": s.evicted_bytes,
             "invalidations": s.invalidations,
@@ -360,7 +420,7 @@ class Store:
     def open(self, rel: str, pid: int = 0) -> Handle:
         e, version = self._refresh(rel)
         rec = e.record
-        h = Handle(rel, version, e)
+        h = Handle(rel, version, e, pid)
         if e.fast_bytes:
             try:
                 h.fast_fd = self.fast.open(rel)
@@ -377,43 +437,25 @@ class Store:
             self.stats.opens_cold += 1
             if e.prom is not None and not e.prom.cancelled:
                 h.prom = e.prom
+            else:
+                self.stats.demand_misses += 1
+                self.stats.demand_miss_bytes += version[0]
+        if e.prefetched:
+            e.prefetched = False
+            self.stats.prefetch_used_bytes += version[0]
         e.handles.add(h)
         rec.last_access = time.time()
         self._dirty.add(rel)
-        self._events.append({"t": rec.last_access, "op": "open", "path": rel,
-                             "size": version[0], "pid": pid})
-        if self._last_open is not None and self._last_open != rel:
-            self._transitions[(self._last_open, rel)] += 1
-        self._last_open = rel
-        if self.prefetch:
-            self._stage_model(rel)
+        self._emit({"t": rec.last_access, "op": "open", "path": rel, "size": version[0],
+                    "pid": pid})
         return h
 
-    def _read_json(self, rel: str) -> dict:
-        with os.fdopen(self.cold.open(rel), "rb") as f:
-            return json.loads(f.read(16 << 20))
-
-    def _stage_model(self, rel: str) -> None:
-        """If rel belongs to a model directory, promote the files its loader
-        will read next (docs/prefetch.md). Only whole models that fit the
-        budget are staged, and staging never evicts the model's own files."""
-        try:
-            files = hints.model_files(rel, self.cold.exists, self._read_json)
-            versions = {f: self._refresh(f) for f in files}
-        except (OSError, ValueError, AttributeError, TypeError):
-            return  # not a well-formed model directory: no prediction
-        group = set(files) | {rel}
-        if sum(v[0] for _, v in versions.values()) > self.fast.budget:
-            return  # the model cannot fit: staging it would only thrash
-        for f, (e, version) in versions.items():
-            if e.fast_bytes or e.prom is not None or version[0] == 0:
-                continue
-            if self._start_promotion(f, e, version, protect=group) is None:
-                return
-            self.stats.prefetches += 1
-            self.stats.prefetched_bytes += version[0]
-
     async def read(self, h: Handle, off: int, size: int) -> bytes:
+        data = await self._read(h, off, size)
+        h.note_read(off, len(data))
+        return data
+
+    async def _read(self, h: Handle, off: int, size: int) -> bytes:
         while True:
             if h.fast_fd is not None:
                 data = os.pread(h.fast_fd, size, off)
@@ -449,6 +491,12 @@ class Store:
             self.stats.bytes_cold += len(data)
 
     def release(self, h: Handle) -> None:
+        if h.ranges:
+            ev = {"t": time.time(), "op": "read", "path": h.rel, "pid": h.pid,
+                  "ranges": h.ranges}
+            if h.more_ranges:
+                ev["more_ranges"] = h.more_ranges
+            self._emit(ev)
         h.entry.handles.discard(h)
         for fd in (h.fast_fd, h.cold_fd):
             if fd is not None:
@@ -459,13 +507,16 @@ class Store:
     # -- promotion ---------------------------------------------------------
 
     def _start_promotion(self, rel: str, e: Entry, version: tuple[int, int],
-                         protect: frozenset | set = frozenset()) -> Promotion | None:
-        """Begin promoting rel if its whole size fits the budget; attach every
-        open handle of this version of the file to the promotion."""
+                         protect: frozenset | set = frozenset(),
+                         prefetch: bool = False) -> Promotion | None:
+        """Begin promoting rel if its whole size fits the budget and the
+        policy finds it worth what it evicts; attach every open handle of
+        this version of the file to the promotion."""
         size = version[0]
         if e.fast_bytes or e.prom is not None:
             return e.prom
-        if (self._nursery is None or not self._make_room(size, protect)
+        if (self._nursery is None
+                or not self._make_room(size, protect, admit=rel, spare_open=prefetch)
                 or not self.fast.reserve(size)):
             return None
         try:
@@ -474,16 +525,29 @@ class Store:
         except OSError:
             self.fast.release(size)
             raise
-        prom = e.prom = Promotion(self, rel, version, cold_fd, tmp_path, tmp_fd)
+        prom = e.prom = Promotion(self, rel, version, cold_fd, tmp_path, tmp_fd, prefetch)
+        if prefetch:
+            e.prefetched = True
+            self.stats.prefetches += 1
+            self.stats.prefetched_bytes += size
         for h in e.handles:
             if h.fast_fd is None and h.version == version:
                 h.prom = prom
         self._nursery.start_soon(prom.fill)
         return prom
 
+    def prefetch(self, rel: str, protect: set) -> Promotion | None:
+        """Start promoting rel ahead of any open, evicting neither the files
+        in `protect` nor files open right now; None if it is already in the
+        fast tier or on its way, or cannot be brought in at that price."""
+        e, version = self._refresh(rel)
+        if e.fast_bytes or e.prom is not None or version[0] == 0:
+            return None
+        return self._start_promotion(rel, e, version, protect, prefetch=True)
+
     def _promotion_ended(self, prom: Promotion) -> None:
         e = self.entries[prom.rel]
-        committed = not (prom.failed or prom.cancelled)
+        committed = prom.committed
         if e.prom is prom:
             e.prom = None
         if committed:
@@ -495,6 +559,7 @@ class Store:
             self._dirty.add(prom.rel)
         else:
             self.fast.release(prom.size)
+            self._unused_prefetch(e)
             if prom.failed:
                 self.stats.promotions_failed += 1
             else:
@@ -510,19 +575,32 @@ class Store:
         os.close(prom.tmp_fd)
         os.close(prom.cold_fd)
         prom.tmp_fd = None
+        if committed and prom.cancelled:
+            # Cancelled (evicted, changed, stale) while the commit ran: the
+            # copy is in place and counted; drop it the ordinary way.
+            self._drop_fast(prom.rel)
         prom.done.set()
 
     def _make_room(self, size: int, protect: frozenset | set = frozenset(),
-                   partial: bool = False) -> bool:
+                   partial: bool = False, admit: str | None = None,
+                   spare_open: bool = False) -> bool:
         """Evict by policy until `size` more bytes fit; pinned files, files in
-        `protect` and promotions in flight are never evicted. If that cannot
-        make enough room, nothing is evicted unless `partial`."""
+        `protect`, files open right now if `spare_open`, and promotions in
+        flight are never evicted. If that cannot make enough room, or the
+        policy would rather not bring `admit` in at that price, nothing is
+        evicted (unless `partial`)."""
         if size > self.fast.budget:
             return False
+
+        def evictable(rel: str) -> bool:
+            e = self.entries[rel]
+            return not (e.record.pinned or rel in protect or spare_open and e.handles)
+
         victims, enough = choose_victims(
             self.policy, size, self.fast.free,
-            size_of=lambda rel: self.entries[rel].fast_bytes,
-            evictable=lambda rel: not self.entries[rel].record.pinned and rel not in protect)
+            size_of=lambda rel: self.entries[rel].fast_bytes, evictable=evictable)
+        if admit is not None and not self.policy.should_admit(admit, victims):
+            return False
         if enough or partial:
             for rel in victims:
                 self._drop_fast(rel)
@@ -536,6 +614,7 @@ class Store:
         self.fast.remove(rel)
         self.fast.release(e.fast_bytes)
         self.stats.evicted_bytes += e.fast_bytes
+        self._unused_prefetch(e)
         e.fast_bytes = 0
         e.record.tier = "cold"
         self.policy.remove(rel)
@@ -545,6 +624,11 @@ class Store:
                 os.close(h.fast_fd)
                 h.fast_fd = None
         log.debug("dropped fast copy of %s", rel)
+
+    def _unused_prefetch(self, e: Entry) -> None:
+        if e.prefetched:
+            e.prefetched = False
+            self.stats.prefetch_wasted_bytes += e.record.size
 
     # -- control -----------------------------------------------------------
 

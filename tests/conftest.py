@@ -15,6 +15,7 @@ import random
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import pytest
 from aattsfs.mount import is_mounted
 
 MiB = 1 << 20
+PAGE_SLACK = 64 << 10  # tmpfs rounds each file up to whole pages
 BAD_LOG = re.compile(r"WARNING|ERROR|CRITICAL|Traceback")
 
 
@@ -54,10 +56,10 @@ def run_cli(*args, check=True, **kw) -> subprocess.CompletedProcess:
 
 class Mount:
     def __init__(self, root: Path, cold: Path, fast_size="256M", policy="lru",
-                 extra=()) -> None:
+                 extra=(), fast: Path | None = None) -> None:
         self.cold = Path(cold)
         self.mnt = root / "mnt"
-        self.fast = root / "fast"
+        self.fast = fast or root / "fast"
         self.state = root / "state"
         self.log = root / "daemon.log"
         self.fast_size = fast_size
@@ -124,7 +126,7 @@ class Mount:
 
 
 @pytest.fixture
-def mounter(tmp_path, request):
+def mounter(tmp_path, request, fast_tmpfs):  # after fast_tmpfs: unmounted before it
     mounts: list[Mount] = []
 
     def make(cold, start=True, **kw) -> Mount:
@@ -141,6 +143,55 @@ def mounter(tmp_path, request):
         bad = m.unexpected_log_lines()
         if bad:
             pytest.fail("daemon logged unexpected problems:\n" + "\n".join(bad[:20]))
+
+
+class BudgetWatch:
+    """While the block runs, samples in a thread what the fast tier really
+    holds (its own tmpfs: one statvfs is an atomic count, where a walk of the
+    directory would add up files that never coexisted) and the daemon's own
+    count; `peak_dir` and `peak_stats` are the largest seen."""
+
+    def __init__(self, m: Mount) -> None:
+        self.m = m
+        self.peak_dir = self.peak_stats = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch)
+
+    def _watch(self) -> None:
+        while not self._done.is_set():
+            sv = os.statvfs(self.m.fast)
+            self.peak_dir = max(self.peak_dir, (sv.f_blocks - sv.f_bfree) * sv.f_frsize)
+            self.peak_stats = max(self.peak_stats,
+                                  self.m.stats()["fast_tier"]["used_bytes"])
+
+    def __enter__(self) -> "BudgetWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+@pytest.fixture
+def fast_tmpfs(tmp_path):
+    """make(size) -> a directory on a tmpfs of its own, of `size` bytes;
+    writing past it fails, so a daemon that overshoots its budget is caught."""
+    mounted = []
+
+    def make(size: int) -> Path:
+        path = tmp_path / f"fast-tmpfs{len(mounted)}"
+        path.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
+                        str(path)], check=True)
+        mounted.append(path)
+        return path
+
+    try:
+        yield make
+    finally:
+        for path in mounted:
+            subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def write_random(path: Path, size: int, seed: int) -> Path:

@@ -110,17 +110,27 @@ def test_opening_config_stages_the_shards(model_cold, mounter):
     assert m.tier("gpt2/model.safetensors.index.json") == "fast"
     assert m.tier("gpt2/generation_config.json") == "cold"  # not predicted
     s = m.stats()
-    assert s["prefetches"] == len(shards) + 1
+    assert s["prefetch"]["prefetches"] == len(shards) + 1
     assert s["reads"]["cold"] == 0 and s["bytes_served"]["fast"] == 0
 
 
-def test_no_prefetch_and_models_larger_than_the_budget(model_cold, mounter):
-    off = mounter(model_cold, extra=["--no-prefetch"])
-    small = mounter(model_cold, fast_size="500K")  # smaller than the gpt2 shards together
-    for m in (off, small):
-        with open(m.path("gpt2/config.json"), "rb") as f:
-            f.read()
-    for m in (off, small):
-        m.wait_tier("gpt2/config.json")
-        assert m.stats()["prefetches"] == 0
-        assert m.tier("gpt2/model.safetensors.index.json") == "cold"
+def test_no_prefetch_stages_nothing(model_cold, mounter):
+    m = mounter(model_cold, extra=["--no-prefetch"])
+    with open(m.path("gpt2/config.json"), "rb") as f:
+        f.read()
+    m.wait_tier("gpt2/config.json")
+    assert m.stats()["prefetch"]["prefetches"] == 0
+    assert m.tier("gpt2/model.safetensors.index.json") == "cold"
+
+
+def test_a_model_larger_than_the_budget_loads_through_a_sliding_window(model_cold, mounter):
+    from transformers import AutoModelForCausalLM
+
+    budget = 500 << 10  # a fraction of the gpt2 shards together
+    m = mounter(model_cold, fast_size=str(budget))
+    want = AutoModelForCausalLM.from_pretrained(model_cold / "gpt2").state_dict()
+    got = AutoModelForCausalLM.from_pretrained(m.path("gpt2")).state_dict()
+    assert_same_tensors(got, want)
+    s = m.stats()
+    assert s["prefetch"]["prefetches"] > 0  # the next shards, as far as they fit
+    assert s["fast_tier"]["used_bytes"] <= budget

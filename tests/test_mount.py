@@ -14,7 +14,7 @@ from concurrent.futures import ProcessPoolExecutor
 import pytest
 
 from aattsfs.mount import is_mounted
-from conftest import MiB, manifest, run_cli, sha256, wait_for, write_random
+from conftest import PAGE_SLACK, BudgetWatch, MiB, manifest, run_cli, sha256, wait_for, write_random
 
 
 def test_view_matches_cold_tree(cold_tree, mounter):
@@ -193,33 +193,15 @@ def test_eviction_order(tmp_path, mounter, policy, expected_victim):
     assert m.stats()["evictions"] == 1
 
 
-def test_budget_holds_and_pins_survive(tmp_path, mounter):
+def test_budget_holds_and_pins_survive(tmp_path, mounter, fast_tmpfs):
     cold = tmp_path / "cold"
     names = [f"f{i:02d}" for i in range(24)]
     for i, name in enumerate(names):
         write_random(cold / name, 3 * MiB + i * 1000, i)
     budget = 16 * MiB
-    m = mounter(cold, fast_size=str(budget))
+    m = mounter(cold, fast_size=str(budget), fast=fast_tmpfs(budget + MiB))
     run_cli("pin", m.path("f00"))
-    peak = {"stats": 0, "dir": 0}
-    done = threading.Event()
-
-    def watch():
-        while not done.is_set():
-            used = m.stats()["fast_tier"]["used_bytes"]
-            on_disk = 0
-            for d, _, fs in os.walk(m.fast):
-                for f in fs:
-                    try:
-                        on_disk += os.lstat(os.path.join(d, f)).st_size
-                    except FileNotFoundError:
-                        pass  # evicted, or renamed into place, since the walk saw it
-            peak["stats"] = max(peak["stats"], used)
-            peak["dir"] = max(peak["dir"], on_disk)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
+    with BudgetWatch(m) as watch:
         def reader(offset):
             for name in names[offset::4] * 2:
                 assert sha256(m.path(name)) == sha256(cold / name)
@@ -229,13 +211,10 @@ def test_budget_holds_and_pins_survive(tmp_path, mounter):
             t.start()
         for t in threads:
             t.join()
-    finally:
-        done.set()
-        watcher.join()
     s = m.stats()
     assert s["promotions"] > 5 and s["evictions"] > 0
-    assert 0 < peak["stats"] <= budget
-    assert 0 < peak["dir"] <= budget
+    assert 0 < watch.peak_stats <= budget
+    assert 0 < watch.peak_dir <= budget + PAGE_SLACK
     assert m.tier("f00") == "fast"
     assert s["fast_tier"]["pinned_files"] == 1
 
@@ -384,8 +363,13 @@ def test_read_ahead_is_raised(cold_tree, mounter):
     from aattsfs.mount import _mount_table
     m = mounter(cold_tree, extra=["--read-ahead", "2M"])
     dev = next(d for t, _, d in _mount_table() if t == str(m.mnt))
-    with open(f"/sys/class/bdi/{dev}/read_ahead_kb") as f:
-        assert int(f.read()) == 2048
+
+    def read_ahead_kb():
+        with open(f"/sys/class/bdi/{dev}/read_ahead_kb") as f:
+            return int(f.read())
+
+    # set just after the kernel's INIT reply, so possibly after the mount shows
+    wait_for(lambda: read_ahead_kb() == 2048, timeout=10, what="readahead of 2 MiB")
 
 
 def test_unchanged_files_stay_in_the_kernel_page_cache(cold_tree, mounter):
@@ -411,13 +395,19 @@ def test_metadata_records_the_open_sequence(cold_tree, mounter):
     m.stop()  # a clean stop flushes the last batch
     meta = MetaStore(str(m.state / "lmdb"))
     try:
-        assert meta.transitions_from("models/a/weights.bin") == {"models/b/weights.bin": 2}
-        assert meta.transitions_from("models/b/weights.bin") == {"models/c/weights.bin": 1}
         opens = [e["path"] for e in meta.events() if e["op"] == "open"]
         assert opens[-5:] == ["models/a/weights.bin", "models/b/weights.bin",
                               "models/c/weights.bin", "models/a/weights.bin",
                               "models/b/weights.bin"]
-        assert all(e["size"] == 4 * MiB and e["pid"] > 0 for e in meta.events())
+        events = meta.events()
+        assert all(e["size"] == 4 * MiB for e in events if e["op"] == "open")
+        assert all(e["pid"] == os.getpid() and e["start"] > 0 for e in events)
+        reads = [e for e in events if e["op"] == "read"]
+        # the second opens of a and b read from the kernel page cache
+        assert sorted(e["path"] for e in reads) == ["models/a/weights.bin",
+                                                    "models/b/weights.bin",
+                                                    "models/c/weights.bin"]
+        assert all(e["ranges"][0][0] == 0 for e in reads)
         rec = meta.records["models/a/weights.bin"]
         assert rec.size == 4 * MiB and rec.tier == "fast" and rec.hits + rec.misses == 2
         assert rec.last_access > 0

@@ -71,15 +71,29 @@ def test_namespace_lookup_counts():
 def test_metadata_roundtrip(tmp_path):
     m = MetaStore(str(tmp_path / "db"))
     rec = FileRecord(size=10, mtime_ns=5, tier="fast", pinned=True, hits=3)
-    m.write_batch({"a": rec, "b": FileRecord()}, {("a", "b"): 2},
-                  [{"op": "open", "path": "a"}])
-    m.write_batch({"b": None}, {("a", "b"): 1, ("a", "c"): 1})
+    m.write_batch({"a": rec, "b": FileRecord()}, [{"op": "open", "path": "a"}])
+    m.write_batch({"b": None})
     m.close()
     m = MetaStore(str(tmp_path / "db"))
     assert m.records == {"a": rec}
-    assert m.transitions_from("a") == {"b": 3, "c": 1}
-    assert m.transitions_from("b") == {}
     assert m.events() == [{"op": "open", "path": "a"}]
+    m.close()
+
+
+def test_metadata_schema_1_is_upgraded_in_place(tmp_path):
+    import lmdb
+    env = lmdb.open(str(tmp_path / "db"), max_dbs=4)
+    with env.begin(write=True) as txn:
+        txn.put(b"schema", b"1", db=env.open_db(b"meta", txn=txn))
+        txn.put(b"a\0b", b"\0" * 8, db=env.open_db(b"trans", txn=txn))
+        txn.put(b"a", FileRecord(size=3, pinned=True).encode(),
+                db=env.open_db(b"files", txn=txn))
+    env.close()
+    m = MetaStore(str(tmp_path / "db"))
+    assert m.records["a"].pinned  # kept: no move aside
+    assert not list(tmp_path.glob("db.broken-*"))
+    with m.env.begin() as txn:
+        assert txn.get(b"trans") is None  # the old counts database is gone
     m.close()
 
 
@@ -88,7 +102,7 @@ def test_trace_is_bounded(tmp_path, monkeypatch):
     monkeypatch.setattr(md, "TRACE_CAPACITY", 10)
     m = MetaStore(str(tmp_path / "db"))
     for i in range(3):
-        m.write_batch({}, None, [{"i": i * 7 + j} for j in range(7)])
+        m.write_batch({}, [{"i": i * 7 + j} for j in range(7)])
     assert [e["i"] for e in m.events()] == list(range(11, 21))
     m.close()
     assert TRACE_CAPACITY >= 10_000

@@ -1,0 +1,185 @@
+"""The prefetcher: a trio task that learns from access events and turns the
+forecast into promotions (docs/prediction.md).
+
+The store sends every open and, at release, the read ranges of each open
+over a memory channel; the read path never waits for this task. Per event:
+
+1. the pid is resolved to its stream, (process id, process start time), so
+   that a recycled pid is a new stream and threads share their process's;
+2. the event goes to the trace (LMDB), and an open teaches the learner;
+3. after an open, the forecast for the live streams is made: the predictive
+   eviction policy ranks by it, and its likely part replaces the staging
+   queue; prefetches in flight that left it are cancelled (stale).
+
+`jobs` workers take files from the queue and promote them, each holding
+the forecast files expected sooner than it as protected from eviction; the
+store paces their cold reads to the bandwidth cap. With prefetch off, the
+task still learns, so turning it on later starts from what was seen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import OrderedDict
+from typing import Iterable
+
+import trio
+
+from . import hints
+from .learn import RANK_HORIZON, RANK_STEPS, Learner, Stream, expected_by, staging
+from .policy import PredictivePolicy
+from .store import Promotion, Store
+
+log = logging.getLogger(__name__)
+
+MAX_LIVE = 64  # processes whose streams are forecast for at once
+MAX_CACHED = 4096  # pids and hinted files remembered
+
+
+def _proc_start(pid: int) -> float:
+    """Start time of a process, in seconds after boot (raises OSError if gone)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
+def stream_of(tid: int) -> Stream:
+    """(process id, start time) of the thread `tid`; (tid, None) if it is gone."""
+    try:
+        with open(f"/proc/{tid}/status", "rb") as f:
+            pid = next(int(line.split()[1]) for line in f if line.startswith(b"Tgid:"))
+        return pid, _proc_start(pid)
+    except (OSError, StopIteration, ValueError):
+        return tid, None
+
+
+def alive(stream: Stream) -> bool:
+    pid, start = stream
+    try:
+        return start is None or _proc_start(pid) == start
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def _remember(cache: OrderedDict, key, value) -> None:
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > MAX_CACHED:
+        cache.popitem(last=False)
+
+
+class Prefetcher:
+    def __init__(self, store: Store, predictor: str = "markov", enabled: bool = True,
+                 jobs: int = 2) -> None:
+        self.store = store
+        self.learner = Learner(predictor)
+        self.enabled = enabled
+        self.jobs = jobs
+        self._queue: list[tuple[str, set]] = []  # (file, files it must not evict)
+        self._wake = trio.Event()
+        self._live: OrderedDict[Stream, None] = OrderedDict()
+        self._streams: OrderedDict[int, Stream] = OrderedDict()  # tid -> stream
+        self._hinted: OrderedDict[str, list[str]] = OrderedDict()  # rel -> model files
+        self._sizes: dict[str, int] = {}  # of hinted files not opened yet
+        self._inflight: dict[str, Promotion] = {}
+
+    def learn_from(self, events: Iterable[dict]) -> None:
+        """Replay a trace (the LMDB ring at start) into the learner."""
+        for ev in events:
+            if ev.get("op") == "open":
+                self.learner.observe((ev.get("pid"), ev.get("start")), ev["path"])
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            for _ in range(self.jobs):
+                nursery.start_soon(self._worker)
+            task_status.started()
+            async for ev in self.store.events_in:
+                await self._handle(ev)
+
+    async def _handle(self, ev: dict) -> None:
+        tid = ev["pid"]
+        stream = self._streams.get(tid)
+        if stream is None or ev["op"] == "open" and not alive(stream):
+            stream = stream_of(tid)
+            _remember(self._streams, tid, stream)
+        ev["pid"], ev["start"] = stream
+        self.store.record_event(ev)
+        if ev["op"] != "open":
+            return
+        rel = ev["path"]
+        self.learner.observe(stream, rel)
+        if rel not in self._hinted:
+            files = await trio.to_thread.run_sync(self._model_files, rel,
+                                                  limiter=self.store.io_limiter)
+            self._sizes.update(files)
+            _remember(self._hinted, rel, list(files))
+        _remember(self._live, stream, None)
+        self._plan(stream)
+
+    def _read_json(self, rel: str) -> dict:
+        with os.fdopen(self.store.cold.open(rel), "rb") as f:
+            return json.loads(f.read(16 << 20))
+
+    def _model_files(self, rel: str) -> dict[str, int]:
+        """The files the format hints expect after rel, with their sizes (in a
+        worker thread: this reads the cold tier)."""
+        cold = self.store.cold
+        try:
+            files = hints.model_files(rel, cold.exists, self._read_json)
+            return {f: cold.lstat(f).st_size for f in files}
+        except (OSError, ValueError, AttributeError, TypeError):
+            return {}  # not a well-formed model directory: no hint
+
+    def _size(self, rel: str) -> int:
+        e = self.store.entries.get(rel)
+        return e.record.size if e is not None and e.record.size else self._sizes.get(rel, 0)
+
+    def _plan(self, current: Stream) -> None:
+        for s in [s for s in self._live if s != current and not alive(s)]:
+            del self._live[s]
+        streams = [current, *(s for s in reversed(self._live) if s != current)]
+        store, budget = self.store, self.store.fast.budget
+        predictive = isinstance(store.policy, PredictivePolicy)
+        ahead = self.learner.forecast(
+            streams, self._size, RANK_HORIZON * budget if predictive else budget,
+            hints=lambda k: self._hinted.get(k, []),
+            max_steps=RANK_STEPS if predictive else 64)
+        if predictive:
+            store.policy.set_forecast([k for k, _ in ahead])
+        if not self.enabled:
+            return
+        self._queue = [(ahead[i][0], expected_by(ahead, i))
+                       for i in staging(ahead, self._size, budget)]
+        wanted = {rel for rel, _ in self._queue}
+        for rel, prom in self._inflight.items():
+            if rel not in wanted and store.entries[rel].prefetched and not prom.cancelled:
+                log.debug("prefetch of %s is stale; cancelled", rel)
+                prom.cancelled = True
+                store.stats.prefetches_cancelled += 1
+        self._wake.set()
+
+    async def _next(self) -> tuple[str, set]:
+        while not self._queue:
+            if self._wake.is_set():
+                self._wake = trio.Event()
+            await self._wake.wait()
+        return self._queue.pop(0)
+
+    async def _worker(self) -> None:
+        while True:
+            rel, protect = await self._next()
+            try:
+                prom = self.store.prefetch(rel, protect)
+            except OSError as exc:
+                log.debug("cannot prefetch %s: %s", rel, exc)
+                continue
+            if prom is None:
+                continue
+            self._inflight[rel] = prom
+            try:
+                await prom.done.wait()
+            finally:
+                del self._inflight[rel]
