@@ -18,6 +18,12 @@ SINGLE_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
+def is_trigger(rel: str) -> bool:
+    """Whether opening rel can predict other files (no I/O)."""
+    name = posixpath.basename(rel)
+    return name == "config.json" or name in INDEX_NAMES or name.endswith(WEIGHT_SUFFIXES)
+
+
 def model_files(rel: str, exists: Callable[[str], bool],
                 read_json: Callable[[str], dict]) -> list[str]:
     """Files of the model directory that `rel` belongs to, in the order the
@@ -26,10 +32,9 @@ def model_files(rel: str, exists: Callable[[str], bool],
 
     Asks only whether a handful of names exist, never lists the directory:
     this runs on every open of such a file, and a directory may be huge."""
-    directory, name = posixpath.split(rel)
-    if name != "config.json" and name not in INDEX_NAMES and \
-            not name.endswith(WEIGHT_SUFFIXES):
+    if not is_trigger(rel):
         return []
+    directory, name = posixpath.split(rel)
 
     def here(n: str) -> str:
         return posixpath.join(directory, n)

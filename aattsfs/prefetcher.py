@@ -4,10 +4,9 @@ forecast into promotions (docs/prediction.md).
 The store sends every open and, at release, the read ranges of each open
 over a memory channel; the read path never waits for this task. Per event:
 
-1. the pid is resolved to its stream, (process id, process start time), so
-   that a recycled pid is a new stream and threads share their process's;
-2. the event goes to the trace (LMDB), and an open teaches the learner;
-3. after an open, the forecast for the live streams is made: the predictive
+1. the event goes to the trace (LMDB); its stream, (process id, process
+   start time), was resolved by the store while the request was pending;
+2. an open teaches the learner, and then the forecast for the live streams is made: the predictive
    eviction policy ranks by it, and its likely part replaces the staging
    queue; prefetches in flight that left it are cancelled (stale).
 
@@ -28,45 +27,21 @@ from typing import Iterable
 import trio
 
 from . import hints
-from .learn import RANK_HORIZON, RANK_STEPS, Learner, Stream, expected_by, staging
+from .learn import RANK_HORIZON, RANK_STEPS, Learner, expected_by, staging
 from .policy import PredictivePolicy
+from .procs import Stream, alive
 from .store import Promotion, Store
 
 log = logging.getLogger(__name__)
 
 MAX_LIVE = 64  # processes whose streams are forecast for at once
-MAX_CACHED = 4096  # pids and hinted files remembered
+MAX_CACHED = 4096  # files whose hints are remembered (for the chain's forecasts)
 
 
-def _proc_start(pid: int) -> float:
-    """Start time of a process, in seconds after boot (raises OSError if gone)."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
-    return int(fields[19]) / os.sysconf("SC_CLK_TCK")
-
-
-def stream_of(tid: int) -> Stream:
-    """(process id, start time) of the thread `tid`; (tid, None) if it is gone."""
-    try:
-        with open(f"/proc/{tid}/status", "rb") as f:
-            pid = next(int(line.split()[1]) for line in f if line.startswith(b"Tgid:"))
-        return pid, _proc_start(pid)
-    except (OSError, StopIteration, ValueError):
-        return tid, None
-
-
-def alive(stream: Stream) -> bool:
-    pid, start = stream
-    try:
-        return start is None or _proc_start(pid) == start
-    except (OSError, ValueError, IndexError):
-        return False
-
-
-def _remember(cache: OrderedDict, key, value) -> None:
+def _remember(cache: OrderedDict, key, value, limit: int) -> None:
     cache[key] = value
     cache.move_to_end(key)
-    while len(cache) > MAX_CACHED:
+    while len(cache) > limit:
         cache.popitem(last=False)
 
 
@@ -80,7 +55,6 @@ class Prefetcher:
         self._queue: list[tuple[str, set]] = []  # (file, files it must not evict)
         self._wake = trio.Event()
         self._live: OrderedDict[Stream, None] = OrderedDict()
-        self._streams: OrderedDict[int, Stream] = OrderedDict()  # tid -> stream
         self._hinted: OrderedDict[str, list[str]] = OrderedDict()  # rel -> model files
         self._sizes: dict[str, int] = {}  # of hinted files not opened yet
         self._inflight: dict[str, Promotion] = {}
@@ -100,23 +74,17 @@ class Prefetcher:
                 await self._handle(ev)
 
     async def _handle(self, ev: dict) -> None:
-        tid = ev["pid"]
-        stream = self._streams.get(tid)
-        if stream is None or ev["op"] == "open" and not alive(stream):
-            stream = stream_of(tid)
-            _remember(self._streams, tid, stream)
-        ev["pid"], ev["start"] = stream
         self.store.record_event(ev)
         if ev["op"] != "open":
             return
-        rel = ev["path"]
+        rel, stream = ev["path"], (ev["pid"], ev["start"])
         self.learner.observe(stream, rel)
-        if rel not in self._hinted:
+        if hints.is_trigger(rel):  # read again on every open: the model may have changed
             files = await trio.to_thread.run_sync(self._model_files, rel,
                                                   limiter=self.store.io_limiter)
             self._sizes.update(files)
-            _remember(self._hinted, rel, list(files))
-        _remember(self._live, stream, None)
+            _remember(self._hinted, rel, list(files), MAX_CACHED)
+        _remember(self._live, stream, None, MAX_LIVE)
         self._plan(stream)
 
     def _read_json(self, rel: str) -> dict:

@@ -36,6 +36,7 @@ import lmdb
 import trio
 
 from .metadata import FileRecord, MetaStore
+from .procs import Stream, stream_of
 from .policy import EvictionPolicy, choose_victims
 from .tiers import ColdTier, FastTier
 
@@ -175,7 +176,7 @@ class Handle:
     rel: str
     version: tuple[int, int]
     entry: "Entry"
-    pid: int = 0
+    stream: Stream = (0, None)  # the process that opened it
     fast_fd: int | None = None
     cold_fd: int | None = None
     prom: Promotion | None = None
@@ -420,7 +421,7 @@ class Store:
     def open(self, rel: str, pid: int = 0) -> Handle:
         e, version = self._refresh(rel)
         rec = e.record
-        h = Handle(rel, version, e, pid)
+        h = Handle(rel, version, e, stream_of(pid))
         if e.fast_bytes:
             try:
                 h.fast_fd = self.fast.open(rel)
@@ -447,7 +448,7 @@ class Store:
         rec.last_access = time.time()
         self._dirty.add(rel)
         self._emit({"t": rec.last_access, "op": "open", "path": rel, "size": version[0],
-                    "pid": pid})
+                    "pid": h.stream[0], "start": h.stream[1]})
         return h
 
     async def read(self, h: Handle, off: int, size: int) -> bytes:
@@ -492,8 +493,8 @@ class Store:
 
     def release(self, h: Handle) -> None:
         if h.ranges:
-            ev = {"t": time.time(), "op": "read", "path": h.rel, "pid": h.pid,
-                  "ranges": h.ranges}
+            ev = {"t": time.time(), "op": "read", "path": h.rel, "pid": h.stream[0],
+                  "start": h.stream[1], "ranges": h.ranges}
             if h.more_ranges:
                 ev["more_ranges"] = h.more_ranges
             self._emit(ev)
