@@ -57,6 +57,7 @@ class Prefetcher:
         self._live: OrderedDict[Stream, None] = OrderedDict()
         self._hinted: OrderedDict[str, list[str]] = OrderedDict()  # rel -> model files
         self._sizes: dict[str, int] = {}  # of hinted files not opened yet
+        self._checked: OrderedDict[tuple, bool] = OrderedDict()  # (rel, size, mtime) -> complete
         self._inflight: dict[str, Promotion] = {}
 
     def learn_from(self, events: Iterable[dict]) -> None:
@@ -97,9 +98,29 @@ class Prefetcher:
         cold = self.store.cold
         try:
             files = hints.model_files(rel, cold.exists, self._read_json)
-            return {f: cold.lstat(f).st_size for f in files}
+            return {f: st.st_size for f in files
+                    if self._complete(f, st := cold.lstat(f))}
         except (OSError, ValueError, AttributeError, TypeError):
             return {}  # not a well-formed model directory: no hint
+
+    def _complete(self, rel: str, st: os.stat_result) -> bool:
+        """False for a safetensors file whose header describes more data than
+        it holds (still being written): staging it would waste the budget."""
+        if not rel.endswith(".safetensors"):
+            return True
+        key = (rel, st.st_size, st.st_mtime_ns)
+        if key not in self._checked:
+            fd = self.store.cold.open(rel)
+            try:
+                hints.safetensors_layout(lambda off, n: os.pread(fd, n, off), st.st_size)
+                ok = True
+            except ValueError as exc:
+                log.info("not staging %s: %s", rel, exc)
+                ok = False
+            finally:
+                os.close(fd)
+            _remember(self._checked, key, ok, MAX_CACHED)
+        return self._checked[key]
 
     def _size(self, rel: str) -> int:
         e = self.store.entries.get(rel)

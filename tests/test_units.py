@@ -1,5 +1,6 @@
 """Unit tests of the pure parts: sizes, policies, namespace, metadata."""
 
+import json
 import os
 
 import lmdb
@@ -194,3 +195,31 @@ def test_hints_single_file_and_non_models():
     ld, rj = _model_dir(["config.json", "model.safetensors.index.json"],
                         {"a": "missing.safetensors"})
     assert model_files("m/config.json", ld, rj) == ["m/model.safetensors.index.json"]
+
+
+def _safetensors(tensors: dict[str, int]) -> bytes:
+    """A safetensors file of float32 vectors of the given lengths."""
+    header, off = {"__metadata__": {"format": "pt"}}, 0
+    for name, n in tensors.items():
+        header[name] = {"dtype": "F32", "shape": [n], "data_offsets": [off, off + 4 * n]}
+        off += 4 * n
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + bytes(off)
+
+
+def test_safetensors_layout_and_incomplete_files():
+    from aattsfs.hints import safetensors_layout
+    data = _safetensors({"b": 3, "a": 2})
+    base = len(data) - 20
+
+    def read(off, n):
+        return data[off:off + n]
+
+    assert safetensors_layout(read, len(data)) == [("b", base, base + 12),
+                                                   ("a", base + 12, base + 20)]
+    with pytest.raises(ValueError, match="past the end"):
+        safetensors_layout(read, len(data) - 1)  # a shard still being written
+    for bad in (b"\xff" * 8 + b"{}", (5).to_bytes(8, "little") + b"[1,2]",
+                (4).to_bytes(8, "little") + b"{\"x\""):
+        with pytest.raises(ValueError):
+            safetensors_layout(lambda off, n, b=bad: b[off:off + n], len(bad))
