@@ -62,20 +62,24 @@ def cli():
 @click.option("--prefetch-bandwidth", type=SizeType(), default=None,
               help="Cap on the cold-tier bytes per second read by prefetching, e.g. 100M "
               "[default: no cap].")
+@click.option("--push-page-cache", is_flag=True,
+              help="Also copy each staged file into the kernel page cache (RAM used twice; "
+              "see docs/prediction.md).")
 @click.option("--allow-other", is_flag=True, help="Let other users access the mount.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground "
               "(for systemd and debugging); log to stderr.")
 @click.option("--debug", is_flag=True, help="Log every FUSE request (very verbose).")
 def mount(cold_dir, mountpoint, fast_dir, fast_size, state_dir, policy, read_ahead,
-          prefetch, predictor, prefetch_jobs, prefetch_bandwidth, allow_other, foreground,
-          debug):
+          prefetch, predictor, prefetch_jobs, prefetch_bandwidth, push_page_cache, allow_other,
+          foreground, debug):
     """Mount COLD_DIR on MOUNTPOINT."""
     from .mount import MountConfig, daemonize, run_foreground
 
     cfg = MountConfig(cold_dir, mountpoint, fast_size, fast_dir, state_dir, policy,
                       allow_other, debug, read_ahead=read_ahead, prefetch=prefetch,
                       predictor=predictor, prefetch_jobs=prefetch_jobs,
-                      prefetch_bandwidth=prefetch_bandwidth or 0)
+                      prefetch_bandwidth=prefetch_bandwidth or 0,
+                      push_page_cache=push_page_cache)
     if foreground:
         run_foreground(cfg)
     else:

@@ -15,6 +15,7 @@ import stat
 import time
 
 import pyfuse3
+import trio
 from pyfuse3 import FUSEError
 
 from . import control
@@ -212,6 +213,34 @@ class Operations(pyfuse3.Operations):
         h = self._files.pop(fh)
         if not isinstance(h, bytes):
             self.store.release(h)
+
+    async def push_to_page_cache(self, rel: str, version: tuple[int, int]) -> None:
+        """Copy a file just staged into the kernel page cache of its inode,
+        so that the next process's reads and mmap faults never reach the
+        daemon (--push-page-cache; measured in docs/benchmarks.md). Only an
+        inode the kernel knows can receive data."""
+        ino = self.ns.known(rel)
+        if ino is None:
+            return
+        try:
+            pushed = await trio.to_thread.run_sync(self._push, ino, rel,
+                                                   limiter=self.store.io_limiter)
+        except OSError as exc:  # evicted meanwhile, or the kernel forgot the inode
+            log.debug("pushing %s into the page cache stopped: %s", rel, exc)
+            return
+        self.store.stats.pushed_bytes += pushed
+        self._versions[ino] = version  # the next open keeps the pushed pages
+
+    def _push(self, ino: int, rel: str) -> int:
+        fd = self.store.fast.open(rel)
+        try:
+            off = 0
+            while chunk := os.pread(fd, 1 << 20, off):
+                pyfuse3.notify_store(ino, off, chunk)
+                off += len(chunk)
+            return off
+        finally:
+            os.close(fd)
 
     # -- xattrs: the tier of every file, and actions on it ------------------
 

@@ -54,6 +54,7 @@ class MountConfig:
     predictor: str = "markov"
     prefetch_jobs: int = 2  # promotions the prefetcher runs at once
     prefetch_bandwidth: int = 0  # bytes/s of cold reads for prefetch; 0: no cap
+    push_page_cache: bool = False  # copy staged files into the kernel page cache too
 
 
 def mount_key(mountpoint: str) -> str:
@@ -259,6 +260,8 @@ def run_foreground(cfg: MountConfig) -> None:
     prefetcher = Prefetcher(store, cfg.predictor, cfg.prefetch, cfg.prefetch_jobs)
     prefetcher.learn_from(meta.events())
     ops = Operations(store, timeout=cfg.timeout)
+    if cfg.push_page_cache:
+        store.on_staged = ops.push_to_page_cache
     options = set(pyfuse3.default_options) | {"fsname=aattsfs", "subtype=aattsfs"}
     if cfg.allow_other:
         options.add("allow_other")

@@ -35,6 +35,11 @@ class Namespace:
             self._path[ino] = rel
         return ino
 
+    def known(self, rel: str) -> int | None:
+        """rel's number if the kernel holds a reference to it, else None."""
+        ino = self._ino.get(rel)
+        return ino if ino in self._lookups else None
+
     def lookup(self, rel: str) -> int:
         """The kernel learned of rel: count one reference."""
         ino = self.ino(rel)

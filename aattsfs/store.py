@@ -31,6 +31,7 @@ import os
 import stat
 import time
 from dataclasses import dataclass, field
+from typing import Awaitable, Callable
 
 import lmdb
 import trio
@@ -225,6 +226,7 @@ class Stats:
     demand_misses: int = 0  # opens that found the file neither fast nor on its way
     demand_miss_bytes: int = 0
     events_dropped: int = 0  # the prefetcher fell behind by EVENT_BUFFER events
+    pushed_bytes: int = 0  # staged copies pushed into the kernel page cache
     evictions: int = 0
     evicted_bytes: int = 0
     invalidations: int = 0
@@ -242,6 +244,8 @@ class Store:
         self.promote_limiter = trio.CapacityLimiter(max_promotions)
         self.stats = Stats()
         self._pacer = Pacer(prefetch_rate) if prefetch_rate else None
+        # Called (as a task) with (rel, version) when a prefetched copy commits.
+        self.on_staged: Callable[[str, tuple[int, int]], Awaitable[None]] | None = None
         self.entries: dict[str, Entry] = {rel: Entry(rec) for rel, rec in meta.records.items()}
         self._nursery: trio.Nursery | None = None
         self._dirty: set[str] = set()
@@ -381,6 +385,7 @@ class Store:
                 "demand_misses": s.demand_misses,
                 "demand_miss_bytes": s.demand_miss_bytes,
                 "events_dropped": s.events_dropped,
+                "pushed_bytes": s.pushed_bytes,
             },
             "evictions": s.evictions,
             "evicted_bytes": s.evicted_bytes,
@@ -558,6 +563,8 @@ class Store:
             self.stats.promotions += 1
             self.stats.promoted_bytes += prom.size
             self._dirty.add(prom.rel)
+            if prom.prefetch and self.on_staged is not None and not prom.cancelled:
+                self._nursery.start_soon(self.on_staged, prom.rel, prom.version)
         else:
             self.fast.release(prom.size)
             self._unused_prefetch(e)

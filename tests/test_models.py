@@ -114,6 +114,40 @@ def test_opening_config_stages_the_shards(model_cold, mounter):
     assert s["reads"]["cold"] == 0 and s["bytes_served"]["fast"] == 0
 
 
+def test_a_shard_still_being_written_is_not_staged(model_cold, tmp_path, mounter):
+    import shutil
+    cold = tmp_path / "cold"
+    shutil.copytree(model_cold / "gpt2", cold / "gpt2")
+    shards = sorted(p.name for p in (cold / "gpt2").glob("*.safetensors"))
+    partial = cold / "gpt2" / shards[-1]
+    os.truncate(partial, partial.stat().st_size // 2)
+    m = mounter(cold)
+    with open(m.path("gpt2/config.json"), "rb"):
+        pass
+    from conftest import wait_for
+    wait_for(lambda: all(m.tier(f"gpt2/{n}") == "fast" for n in shards[:-1]),
+             what="the complete shards to be staged")
+    assert m.tier(f"gpt2/{shards[-1]}") == "cold"
+    assert "not staging gpt2/" in m.log.read_text()
+
+
+def test_pushed_pages_serve_the_next_process_without_the_daemon(model_cold, mounter):
+    from conftest import sha256, wait_for
+    m = mounter(model_cold, extra=["--push-page-cache"])
+    names = sorted(os.listdir(model_cold / "gpt2"))
+    for n in names:
+        os.stat(m.path(f"gpt2/{n}"))  # the kernel knows every inode
+    with open(m.path("gpt2/config.json"), "rb"):
+        pass  # stages the index and the shards, and pushes them
+    staged = [n for n in names if n.endswith((".safetensors", ".index.json"))]
+    size = sum(os.path.getsize(model_cold / "gpt2" / n) for n in staged)
+    wait_for(lambda: m.stats()["prefetch"]["pushed_bytes"] >= size, what="the push")
+    before = m.stats()["bytes_served"]
+    for n in staged:  # what a fresh process reads: the pushed pages, the same bytes
+        assert sha256(m.path(f"gpt2/{n}")) == sha256(model_cold / "gpt2" / n)
+    assert m.stats()["bytes_served"] == before  # not one read reached the daemon
+
+
 def test_no_prefetch_stages_nothing(model_cold, mounter):
     m = mounter(model_cold, extra=["--no-prefetch"])
     with open(m.path("gpt2/config.json"), "rb") as f:
