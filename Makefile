@@ -40,3 +40,5 @@ bench: venv
 	$(PY) bench/cold_start.py --reps 5 --throttle 200
 	$(PY) bench/ls_xattr.py --reps 5
 	$(PY) bench/sim_table.py
+	$(PY) bench/rotation.py --throttle 200
+	$(PY) bench/page_cache_push.py --reps 5

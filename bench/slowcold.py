@@ -50,8 +50,10 @@ class SlowCold:
         return ["sh", "-c", f'echo $$ > {CGROUP}/cgroup.procs && exec "$@"', "sh", *cmd]
 
     def fill(self, src: Path, name: str) -> Path:
-        dest, marker = self.mnt / name, self.mnt / f".{name}.source"
+        dest = self.mnt / name
+        marker = dest.parent / f".{dest.name}.source"
         if not marker.exists() or marker.read_text() != str(src):
+            dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(dest, ignore_errors=True)
             shutil.copytree(src, dest)
             marker.write_text(str(src))
