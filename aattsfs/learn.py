@@ -126,7 +126,7 @@ def staging(ahead: Forecast, size_of: Callable[[Key], int], budget: int,
             min_prob: float = PREFETCH_MIN_PROB) -> list[int]:
     """Positions in `ahead` worth staging: files more likely needed than not,
     soonest first, up to `budget` bytes. Staging the i-th may evict only
-    files not among ahead[:i + 1] (see `expected_by`)."""
+    files not among ahead[:i + 1] (see `ExpectedBy`)."""
     out, staged = [], 0
     for i, (key, prob) in enumerate(ahead):
         if prob < min_prob:
@@ -138,6 +138,20 @@ def staging(ahead: Forecast, size_of: Callable[[Key], int], budget: int,
     return out
 
 
-def expected_by(ahead: Forecast, i: int) -> set:
-    """The files expected no later than the i-th: staging it must not evict them."""
-    return {k for k, _ in ahead[:i + 1]}
+class ExpectedBy:
+    """The files expected no later than position i of a forecast, plus
+    `also`: staging the i-th must not evict them. A view, not a copy, so
+    that protecting each of n staged files costs O(n), not O(n^2)."""
+
+    __slots__ = ("_rank", "_i", "_also")
+
+    def __init__(self, rank: dict[Key, int], i: int, also: frozenset = frozenset()) -> None:
+        self._rank, self._i, self._also = rank, i, also
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._also or self._rank.get(key, self._i + 1) <= self._i
+
+
+def ranks(ahead: Forecast) -> dict[Key, int]:
+    """Each file's position in a forecast."""
+    return {k: i for i, (k, _) in enumerate(ahead)}

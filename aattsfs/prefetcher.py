@@ -27,7 +27,7 @@ from typing import Iterable
 import trio
 
 from . import hints
-from .learn import RANK_HORIZON, RANK_STEPS, Learner, expected_by, staging
+from .learn import RANK_HORIZON, RANK_STEPS, ExpectedBy, Learner, ranks, staging
 from .policy import PredictivePolicy
 from .procs import Stream, alive
 from .store import Promotion, Store
@@ -52,7 +52,7 @@ class Prefetcher:
         self.learner = Learner(predictor)
         self.enabled = enabled
         self.jobs = jobs
-        self._queue: list[tuple[str, set]] = []  # (file, files it must not evict)
+        self._queue: list[tuple[str, ExpectedBy]] = []  # (file, files it must not evict)
         self._wake = trio.Event()
         self._live: OrderedDict[Stream, None] = OrderedDict()
         self._hinted: OrderedDict[str, list[str]] = OrderedDict()  # rel -> model files
@@ -140,7 +140,8 @@ class Prefetcher:
             store.policy.set_forecast([k for k, _ in ahead])
         if not self.enabled:
             return
-        self._queue = [(ahead[i][0], expected_by(ahead, i))
+        rank = ranks(ahead)
+        self._queue = [(ahead[i][0], ExpectedBy(rank, i))
                        for i in staging(ahead, self._size, budget)]
         wanted = {rel for rel, _ in self._queue}
         for rel, prom in self._inflight.items():
@@ -150,7 +151,7 @@ class Prefetcher:
                 store.stats.prefetches_cancelled += 1
         self._wake.set()
 
-    async def _next(self) -> tuple[str, set]:
+    async def _next(self) -> tuple[str, ExpectedBy]:
         while not self._queue:
             if self._wake.is_set():
                 self._wake = trio.Event()

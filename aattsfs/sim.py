@@ -17,9 +17,9 @@ from __future__ import annotations
 import heapq
 import json
 from dataclasses import dataclass
-from typing import Hashable, Iterable
+from typing import Container, Hashable, Iterable
 
-from .learn import RANK_HORIZON, RANK_STEPS, Learner, expected_by, staging
+from .learn import RANK_HORIZON, RANK_STEPS, ExpectedBy, Learner, ranks, staging
 from .policy import EvictionPolicy, PredictivePolicy, choose_victims
 
 INF = float("inf")
@@ -97,7 +97,7 @@ def simulate(trace: list[Request], budget: int, policy: EvictionPolicy,
     sizes: dict[str, int] = {}
     free = budget
 
-    def admit(path: str, size: int, protect: set = frozenset()) -> bool:
+    def admit(path: str, size: int, protect: Container = frozenset()) -> bool:
         nonlocal free
         if size > budget:
             return False
@@ -141,9 +141,10 @@ def simulate(trace: list[Request], budget: int, policy: EvictionPolicy,
             admit(r.path, r.size)
         if not (prefetch and ahead):
             continue
+        rank, current = ranks(ahead), frozenset([r.path])
         for i in staging(ahead, sizes.__getitem__, budget):
             key = ahead[i][0]
-            if key not in resident and admit(key, sizes[key], expected_by(ahead, i) | {r.path}):
+            if key not in resident and admit(key, sizes[key], ExpectedBy(rank, i, current)):
                 prefetched.add(key)
                 res.prefetched_bytes += sizes[key]
     for key in prefetched:  # staged but never requested before the trace ended

@@ -31,7 +31,7 @@ import os
 import stat
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Container
 
 import lmdb
 import trio
@@ -513,7 +513,7 @@ class Store:
     # -- promotion ---------------------------------------------------------
 
     def _start_promotion(self, rel: str, e: Entry, version: tuple[int, int],
-                         protect: frozenset | set = frozenset(),
+                         protect: Container[str] = frozenset(),
                          prefetch: bool = False) -> Promotion | None:
         """Begin promoting rel if its whole size fits the budget and the
         policy finds it worth what it evicts; attach every open handle of
@@ -542,7 +542,7 @@ class Store:
         self._nursery.start_soon(prom.fill)
         return prom
 
-    def prefetch(self, rel: str, protect: set) -> Promotion | None:
+    def prefetch(self, rel: str, protect: Container[str]) -> Promotion | None:
         """Start promoting rel ahead of any open, evicting neither the files
         in `protect` nor files open right now; None if it is already in the
         fast tier or on its way, or cannot be brought in at that price."""
@@ -589,7 +589,7 @@ class Store:
             self._drop_fast(prom.rel)
         prom.done.set()
 
-    def _make_room(self, size: int, protect: frozenset | set = frozenset(),
+    def _make_room(self, size: int, protect: Container[str] = frozenset(),
                    partial: bool = False, admit: str | None = None,
                    spare_open: bool = False) -> bool:
         """Evict by policy until `size` more bytes fit; pinned files, files in

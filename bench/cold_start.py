@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import shutil
@@ -44,11 +43,10 @@ sys.path.insert(0, str(REPO / "bench"))
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 from aattsfs.mount import is_mounted  # noqa: E402
-from harness import Wrap, drop_caches, update_doc, wait_promotions  # noqa: E402
+from harness import Wrap, drop_caches, publish, wait_promotions  # noqa: E402
 import harness  # noqa: E402
 
 WORK = REPO / "work" / "bench"
-RESULTS = REPO / "bench" / "results"
 TMPFS_COPY = Path("/dev/shm/aattsfs-bench-copy")
 FAST = Path("/dev/shm/aattsfs-bench-fast")
 
@@ -164,11 +162,7 @@ def main() -> None:
     command = (f"make bench  # or: .venv/bin/python bench/cold_start.py --reps {args.reps}"
                + (f" --throttle {args.throttle}" if args.throttle else ""))
     section = render(summary, args, size, command)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{key}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (RESULTS / f"{key}.md").write_text(section)
-    update_doc(section, key)
-    print(section)
+    publish(key, summary, section)
 
 
 def measure(model: Path, size: int, args, cold: str) -> dict:

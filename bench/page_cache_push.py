@@ -24,7 +24,6 @@ drops it before every load) cannot show this effect.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -38,11 +37,10 @@ sys.path.insert(0, str(REPO))
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 from aattsfs.mount import is_mounted  # noqa: E402
-from harness import drop_caches, stats, update_doc, wait_promotions  # noqa: E402
+from harness import drop_caches, publish, stats  # noqa: E402
 import harness  # noqa: E402
 
 WORK = REPO / "work" / "bench"
-RESULTS = REPO / "bench" / "results"
 FAST = Path("/dev/shm/aattsfs-bench-fast")
 
 
@@ -56,15 +54,15 @@ def stage(model: Path, mnt: Path, push: bool) -> tuple[float, float, int]:
     harness.cli("mount", model.parent, mnt, "--fast-dir", FAST, "--fast-size", "2G",
                 "--state-dir", state, *(["--push-page-cache"] if push else []))
     files = sorted(p.name for p in model.iterdir())
-    staged = sum((model / f).stat().st_size for f in files if f != "config.json"
-                 and (f.endswith(".safetensors") or f.endswith(".index.json")))
+    staged = [mnt / model.name / f for f in files
+              if f.endswith(".safetensors") or f.endswith(".index.json")]
     for f in files:
         os.stat(mnt / model.name / f)  # the kernel now knows every inode
     start = time.monotonic()
     with open(mnt / model.name / "config.json", "rb"):
         pass
-    wait_promotions(mnt)
-    while push and stats(mnt)["prefetch"]["pushed_bytes"] < staged:
+    while not all(os.getxattr(f, "user.aatts.tier") == b"fast" for f in staged) or \
+            push and stats(mnt)["prefetch"]["pushed_bytes"] < sum(map(os.path.getsize, staged)):
         time.sleep(0.01)
     staging = time.monotonic() - start
     before = stats(mnt)["bytes_served"]
@@ -116,8 +114,9 @@ def main() -> None:
         "|---|---:|---:|---:|---:|",
     ]
     for k in ("staged", "staged + pushed"):
+        served = med[f"{k}: daemon bytes"] / 2**20
         lines.append(f"| {k} | {med[k]:.2f} | {min(r[k] for r in runs):.2f} | "
-                     f"{max(r[k] for r in runs):.2f} | {med[k + ': daemon bytes'] / 2**20:.0f} MiB |")
+                     f"{max(r[k] for r in runs):.2f} | {served:.0f} MiB |")
     lines.append(f"| all warm (page cache filled by a load) | {med['all warm']:.2f} | "
                  f"{min(r['all warm'] for r in runs):.2f} | "
                  f"{max(r['all warm'] for r in runs):.2f} | |")
@@ -131,11 +130,7 @@ def main() -> None:
         f"{med['staged + pushed: staging'] / med['staged: staging']:.2f}x |",
     ]
     section = "\n".join(lines) + "\n"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "page_cache_push.json").write_text(json.dumps(runs, indent=2) + "\n")
-    (RESULTS / "page_cache_push.md").write_text(section)
-    update_doc(section, "page_cache_push")
-    print(section)
+    publish("page_cache_push", runs, section)
 
 
 if __name__ == "__main__":

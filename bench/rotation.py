@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import random
@@ -46,11 +45,10 @@ sys.path.insert(0, str(REPO / "bench"))
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 from aattsfs.mount import is_mounted  # noqa: E402
-from harness import drop_caches, update_doc  # noqa: E402
+from harness import drop_caches, publish  # noqa: E402
 import harness  # noqa: E402
 
 WORK = REPO / "work" / "bench"
-RESULTS = REPO / "bench" / "results"
 FAST = Path("/dev/shm/aattsfs-bench-fast")
 TMPFS_COPY = Path("/dev/shm/aattsfs-bench-rotation")
 TARGETS = {  # name -> aattsfs mount options, or the directory loaded from directly
@@ -212,11 +210,7 @@ def main() -> None:
     }
     command = f"make bench  # or: .venv/bin/python bench/rotation.py --throttle {args.throttle}"
     section = render(summary, command)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "rotation.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (RESULTS / "rotation.md").write_text(section)
-    update_doc(section, "rotation")
-    print(section)
+    publish("rotation", summary, section)
 
 
 if __name__ == "__main__":

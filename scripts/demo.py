@@ -100,7 +100,8 @@ def main() -> None:
                               for k in ("fast", "cold")},
                              after["promoted_bytes"] - before["promoted_bytes"], ok))
         header = (f"{'model':<10} {'run (fresh process each)':<40} {'load':>7} {'vs cold':>8} "
-                  f"{'opens fast/cold':>16} {'served from fast / cold':>24} {'promoted':>10}  output")
+                  f"{'opens fast/cold':>16} {'served from fast / cold':>24} "
+                  f"{'promoted':>10}  output")
         say(header)
         say("-" * len(header))
         for name in reference:

@@ -62,6 +62,17 @@ def wait_promotions(mnt: Path, timeout: float = 600) -> None:
         time.sleep(0.1)
 
 
+def publish(key: str, data, section: str) -> None:
+    """Write a benchmark's results to bench/results/KEY.{json,md} and its
+    section into docs/benchmarks.md."""
+    results = REPO / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{key}.json").write_text(json.dumps(data, indent=2) + "\n")
+    (results / f"{key}.md").write_text(section)
+    update_doc(section, key)
+    print(section)
+
+
 def update_doc(section: str, key: str, doc: Path = REPO / "docs" / "benchmarks.md") -> None:
     """Replace the generated block `key` of docs/benchmarks.md (append it if new)."""
     begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"

@@ -4,7 +4,7 @@ hand-checked sequences."""
 import pytest
 
 from aattsfs.policy import PredictivePolicy, make_policy
-from aattsfs.learn import Learner, expected_by, staging
+from aattsfs.learn import ExpectedBy, Learner, ranks, staging
 from aattsfs.predict import LastSuccessor, Markov, PPM, forecast
 from aattsfs.sim import Request, belady_min, simulate
 from aattsfs.tracegen import PATTERNS
@@ -135,4 +135,5 @@ def test_hints_come_first_and_skip_what_the_process_already_opened():
 def test_staging_takes_likely_files_up_to_the_budget():
     ahead = [("a", 1.0), ("b", 0.3), ("c", 0.6), ("d", 0.9), ("e", 0.9)]
     assert staging(ahead, lambda k: 10, 30) == [0, 2, 3]
-    assert expected_by(ahead, 2) == {"a", "b", "c"}
+    protected = ExpectedBy(ranks(ahead), 2, frozenset({"x"}))
+    assert [k for k in "abcdexy" if k in protected] == ["a", "b", "c", "x"]
