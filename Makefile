@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 # The stamp changes name whenever the dependency list does: a re-install then.
 STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: demo test bench system-deps venv clean
+.PHONY: demo test bench install system-deps venv clean
 
 demo: venv
 	$(PY) scripts/demo.py
@@ -28,6 +28,11 @@ $(STAMP): setup.cfg pyproject.toml
 	@$(PY) -c "import aattsfs, pyfuse3, torch, transformers" || { echo "aattsfs: error: the Python install failed; see the pip output above" >&2; exit 2; }
 	@rm -f $(VENV)/.installed-*
 	@touch $@
+
+# The systemd unit aattsfs@.service and /etc/aattsfs/example.toml, running
+# this checkout's virtual environment (docs/operations.md).
+install: venv
+	$(PY) -m aattsfs install-unit
 
 clean:
 	rm -rf work .pytest_cache test-artifacts

@@ -8,7 +8,11 @@ import json
 import os
 import sys
 
+import re
+import tomllib
+
 import click
+from click.core import ParameterSource
 
 from .control import CONTROL_NAME, XATTR_PINNED, XATTR_TIER
 from .errors import UserError
@@ -16,6 +20,8 @@ from .policy import POLICIES
 from .predict import PREDICTORS
 from .tracegen import PATTERNS, write_trace
 from .units import format_size, parse_size
+
+LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 
 class SizeType(click.ParamType):
@@ -41,8 +47,12 @@ def cli():
 
 
 @cli.command()
-@click.argument("cold_dir")
-@click.argument("mountpoint")
+@click.argument("cold_dir", required=False)
+@click.argument("mountpoint", required=False)
+@click.option("--config", "config_file", metavar="FILE",
+              help="A TOML file of these settings, keyed by option name with underscores "
+              "(cold_dir, mountpoint, fast_size = \"16G\", ...); options given on the "
+              "command line override it. See docs/operations.md.")
 @click.option("--fast-dir", help="Directory of the fast tier [default: /dev/shm/aattsfs/<mount>].")
 @click.option("--fast-size", type=SizeType(), default="4G", show_default=True,
               help="Byte budget of the fast tier, e.g. 512M, 2G.")
@@ -68,32 +78,119 @@ def cli():
 @click.option("--allow-other", is_flag=True, help="Let other users access the mount.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground "
               "(for systemd and debugging); log to stderr.")
-@click.option("--debug", is_flag=True, help="Log every FUSE request (very verbose).")
-def mount(cold_dir, mountpoint, fast_dir, fast_size, state_dir, policy, read_ahead,
-          prefetch, predictor, prefetch_jobs, prefetch_bandwidth, push_page_cache, allow_other,
-          foreground, debug):
-    """Mount COLD_DIR on MOUNTPOINT."""
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True,
+              help="Least severe messages logged; debug logs every FUSE request.")
+@click.option("--debug", is_flag=True, help="Same as --log-level debug.")
+def mount(config_file, foreground, debug, **opts):
+    """Mount COLD_DIR on MOUNTPOINT (or those a --config file names)."""
     from .mount import MountConfig, daemonize, run_foreground
 
-    cfg = MountConfig(cold_dir, mountpoint, fast_size, fast_dir, state_dir, policy,
-                      allow_other, debug, read_ahead=read_ahead, prefetch=prefetch,
-                      predictor=predictor, prefetch_jobs=prefetch_jobs,
-                      prefetch_bandwidth=prefetch_bandwidth or 0,
-                      push_page_cache=push_page_cache)
+    if config_file:
+        ctx = click.get_current_context()
+        for key, value in _read_config(ctx, config_file).items():
+            if ctx.get_parameter_source(key) != ParameterSource.COMMANDLINE:
+                opts[key] = value
+    if not (opts["cold_dir"] and opts["mountpoint"]):
+        raise UserError("give COLD_DIR and MOUNTPOINT, or a --config file that sets "
+                        "cold_dir and mountpoint")
+    opts["log_level"] = "debug" if debug else opts["log_level"]
+    opts["prefetch_bandwidth"] = opts["prefetch_bandwidth"] or 0
+    cfg = MountConfig(opts.pop("cold_dir"), opts.pop("mountpoint"), **opts)
     if foreground:
         run_foreground(cfg)
     else:
         daemonize(cfg, sys.argv[1:])
 
 
+NOT_IN_CONFIG = {"config_file", "foreground", "debug"}
+
+
+def _read_config(ctx: click.Context, path: str) -> dict:
+    """The settings of a TOML config file, checked and converted by the very
+    option types of the command line. Raises UserError naming the file, the
+    line and the key of the first mistake."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read config file {path}: "
+                        f"{getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"config file {path} is not valid TOML: {exc}") from None
+    params = {p.name: p for p in ctx.command.params if p.name not in NOT_IN_CONFIG}
+    out = {}
+    for key, value in data.items():
+        m = re.search(rf'^[ \t]*\[?[ \t]*["\']?{re.escape(key)}["\']?[ \t]*[=.\]]', text,
+                      re.M)
+        where = f"{path}:{text.count(chr(10), 0, m.start()) + 1}" if m else path
+        if key not in params:
+            raise UserError(f"{where}: unknown key '{key}'; the keys are "
+                            f"{', '.join(sorted(params))}")
+        param = params[key]
+        try:
+            if isinstance(value, (dict, list)):
+                raise click.BadParameter(f"expected a single value, not {type(value).__name__}")
+            out[key] = param.type.convert(value, param, ctx)
+        except click.BadParameter as exc:
+            raise UserError(f"{where}: bad value for '{key}': {exc.message}") from None
+    return out
+
+
 @cli.command()
-@click.argument("mountpoint")
+@click.argument("mountpoint", required=False)
+@click.option("--config", "config_file", metavar="FILE",
+              help="Unmount the mountpoint this mount config file names.")
 @click.option("--lazy", "-z", is_flag=True, help="Detach now even if files are open.")
-def umount(mountpoint, lazy):
+def umount(mountpoint, config_file, lazy):
     """Unmount an aattsfs mount."""
     from .mount import unmount
 
+    if config_file and not mountpoint:
+        mountpoint = _read_config(_mount_context(), config_file).get("mountpoint")
+    if not mountpoint:
+        raise UserError("give the MOUNTPOINT, or a --config file that sets mountpoint")
     unmount(mountpoint, lazy)
+
+
+def _mount_context() -> click.Context:
+    """A context of `aattsfs mount`, to read its config file from elsewhere."""
+    return click.Context(mount, info_name="mount")
+
+
+@cli.command("install-unit")
+@click.option("--unit-dir", default="/etc/systemd/system", show_default=True)
+@click.option("--config-dir", default="/etc/aattsfs", show_default=True)
+def install_unit(unit_dir, config_dir):
+    """Install the systemd unit aattsfs@.service and an example config.
+
+    Then write /etc/aattsfs/NAME.toml (see example.toml there) and run
+    `systemctl enable --now aattsfs@NAME`. An existing config is kept.
+    """
+    import shlex
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    source = Path(__file__).resolve().parents[1] / "systemd"
+    if not (source / "aattsfs@.service").exists():
+        raise UserError(f"the unit file is not in {source}; run this from a checkout "
+                        "(make install)")
+    command = f"{shlex.quote(sys.executable)} -m aattsfs"
+    unit = (source / "aattsfs@.service").read_text().replace("@AATTSFS@", command)
+    try:
+        Path(unit_dir).mkdir(parents=True, exist_ok=True)
+        Path(unit_dir, "aattsfs@.service").write_text(unit)
+        Path(config_dir).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / "example.toml", Path(config_dir, "example.toml"))
+    except OSError as exc:
+        raise UserError(f"cannot install the unit: {exc.strerror} ({exc.filename}); "
+                        "run as root or choose --unit-dir/--config-dir") from None
+    click.echo(f"installed {Path(unit_dir, 'aattsfs@.service')} and "
+               f"{Path(config_dir, 'example.toml')}")
+    if Path("/run/systemd/system").is_dir():  # systemd is the running init
+        subprocess.run(["systemctl", "daemon-reload"], check=False)
 
 
 def _control_file(mountpoint: str, name: str) -> bytes:

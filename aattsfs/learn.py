@@ -12,9 +12,10 @@ Two orders are learned, with the same predictor class:
   (typically a model's `config.json`), whose successor says which model a
   pipeline of fresh processes loads next.
 
-A forecast lists the rest of each live stream (format hints of its latest
-open, then the learned continuation), then the next processes of the chain,
-each expanded into the files it is expected to open.
+A forecast lists the rest of each live stream (the files format hints
+promised it and it has not opened yet, then the learned continuation), then
+the next processes of the chain, each expanded into the files it is
+expected to open.
 """
 
 from __future__ import annotations
@@ -37,30 +38,40 @@ def _no_hints(key: Key) -> list[Key]:
     return []
 
 
+class _StreamState:
+    __slots__ = ("context", "opened", "pending")
+
+    def __init__(self) -> None:
+        self.context: list = []  # the latest opens, as many as the predictor reads
+        self.opened: set = set()
+        self.pending: dict = {}  # files the format hints promised, not opened yet
+
+
 class Learner:
     def __init__(self, predictor: str) -> None:
         self.within = make_predictor(predictor)
         self.chain = make_predictor(predictor)
-        # stream -> (context, files opened so far)
-        self.streams: OrderedDict[Stream, tuple[list, set]] = OrderedDict()
+        self.streams: OrderedDict[Stream, _StreamState] = OrderedDict()
 
-    def observe(self, stream: Stream, key: Key) -> bool:
-        """`stream` opened `key`; True if that was the stream's first open."""
+    def observe(self, stream: Stream, key: Key, hinted: Iterable[Key] = ()) -> bool:
+        """`stream` opened `key`, after which the format hints expect `hinted`;
+        True if that was the stream's first open."""
         state = self.streams.get(stream)
         first = state is None
         if first:
-            state = self.streams[stream] = ([], set())
+            state = self.streams[stream] = _StreamState()
             self.chain.observe(key)
             while len(self.streams) > MAX_STREAMS:
                 self.streams.popitem(last=False)
         else:
             self.streams.move_to_end(stream)
-        self.within.observe(key, state[0])
-        state[1].add(key)
+        self.within.observe(key, state.context)
+        state.opened.add(key)
+        state.pending.pop(key, None)
+        # A loader reads each hinted file once: promised files stay expected
+        # through the process's other opens, until it opens them.
+        state.pending.update((k, None) for k in hinted if k not in state.opened)
         return first
-
-    def forget(self, stream: Stream) -> None:
-        self.streams.pop(stream, None)
 
     def forecast(self, streams: Iterable[Stream], size_of: Callable[[Key], int],
                  budget: int, hints: Callable[[Key], list[Key]] = _no_hints,
@@ -69,29 +80,25 @@ class Learner:
         their sizes add up to `budget`: the rest of each of `streams` (most
         urgent first, interleaved), then the processes the chain expects
         next. `hints(key)` lists the files a loader reads after opening key."""
-        parts = []
-        for s in streams:
-            if s in self.streams:
-                context, opened = self.streams[s]
-                parts.append(self._continuation(context, 1.0, size_of, budget, hints,
-                                                max_steps, opened))
+        parts = [self._continuation(self.streams[s].context, 1.0, self.streams[s].pending,
+                                    size_of, budget, max_steps)
+                 for s in streams if s in self.streams]
         out = _merge(parts)
         for first, p in forecast(self.chain, lambda k: 0, budget, max_steps=8):
             if sum(size_of(k) for k, _ in out) >= budget:
                 break
+            promised = [k for k in hints(first) if k != first]
             out = _concat(out, [(first, p)], self._continuation(
-                [first], p, size_of, budget, hints, max_steps, {first}))
+                [first], p, promised, size_of, budget, max_steps))
         return _until(out, size_of, budget)
 
-    def _continuation(self, context: Sequence[Key], p0: float, size_of, budget: int,
-                      hints, max_steps: int, opened: set) -> Forecast:
-        """What follows `context` (reached with probability p0): the files the
-        format hints name, except those this process already opened (a loader
-        reads each once), then the learned order."""
-        hinted = [(k, p0) for k in hints(context[-1]) if k not in opened]
+    def _continuation(self, context: Sequence[Key], p0: float, promised: Iterable[Key],
+                      size_of, budget: int, max_steps: int) -> Forecast:
+        """What follows `context` (reached with probability p0): the files
+        the format hints promised, then the learned order."""
         learned = [(k, p0 * q) for k, q in forecast(self.within, size_of, budget,
                                                     max_steps=max_steps, context=context)]
-        return _concat(hinted, learned)
+        return _concat([(k, p0) for k in promised], learned)
 
 
 def _merge(parts: list[Forecast]) -> Forecast:

@@ -47,7 +47,7 @@ class MountConfig:
     state_dir: str | None = None
     policy: str = "lru"
     allow_other: bool = False
-    debug: bool = False
+    log_level: str = "info"
     timeout: float = 1.0
     read_ahead: int = 1 << 20
     prefetch: bool = True
@@ -228,14 +228,31 @@ def _set_read_ahead(mountpoint: str, nbytes: int) -> None:
                  path, exc.strerror)
 
 
-def setup_logging(debug: bool) -> None:
+def setup_logging(level: str = "info") -> None:
     if os.environ.get("JOURNAL_STREAM"):  # under systemd: journald adds time and unit
         fmt = "%(levelname)s %(name)s: %(message)s"
     else:
         fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format=fmt,
+    logging.basicConfig(level=getattr(logging, level.upper()), format=fmt,
                         stream=sys.stderr, force=True)
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
+def _dump_tasks() -> None:
+    """Log every trio task with the place it is waiting at (SIGUSR1)."""
+    lines: list[str] = []
+
+    def walk(task: trio.lowlevel.Task, depth: int) -> None:
+        lines.append(f"{'  ' * depth}task {task.name}")
+        for frame, lineno in task.iter_await_frames():
+            lines.append(f"{'  ' * depth}    {frame.f_code.co_filename}:{lineno} "
+                         f"in {frame.f_code.co_name}")
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                walk(child, depth + 1)
+
+    walk(trio.lowlevel.current_root_task(), 0)
+    log.warning("SIGUSR1: stacks of the trio tasks (threads follow on stderr):\n%s",
+                "\n".join(lines))
 
 
 def _notify_systemd(message: bytes) -> None:
@@ -244,13 +261,16 @@ def _notify_systemd(message: bytes) -> None:
         return
     if addr.startswith("@"):
         addr = "\0" + addr[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.sendto(message, addr)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message, addr)
+    except OSError as exc:  # the manager went away: serving matters more than telling it
+        log.info("could not notify systemd (%s): %s", message.decode(), exc)
 
 
 def run_foreground(cfg: MountConfig) -> None:
     """Mount and serve until unmounted or signalled."""
-    setup_logging(cfg.debug)
+    setup_logging(cfg.log_level)
     cfg = prepare(cfg)
     lock_fd = _lock_state_dir(cfg.state_dir)
     meta = MetaStore(os.path.join(cfg.state_dir, "lmdb"))
@@ -294,11 +314,22 @@ async def _serve(store: Store, prefetcher: Prefetcher, cfg: MountConfig) -> bool
 
         async def watch_signals():
             nonlocal stopped_by_signal
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for signum in signals:
-                    log.info("%s received, unmounting", signal.Signals(signum).name)
-                    stopped_by_signal = True
-                    nursery.cancel_scope.cancel()
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
+                                           signal.SIGUSR1) as signals:
+                # The thread dump is faulthandler's, at C level, so it works
+                # even while the trio thread is stuck; it then chains to
+                # trio's handler, which dumps the tasks when the loop runs.
+                faulthandler.register(signal.SIGUSR1, all_threads=True, chain=True)
+                try:
+                    async for signum in signals:
+                        if signum == signal.SIGUSR1:
+                            _dump_tasks()
+                            continue
+                        log.info("%s received, unmounting", signal.Signals(signum).name)
+                        stopped_by_signal = True
+                        nursery.cancel_scope.cancel()
+                finally:
+                    faulthandler.unregister(signal.SIGUSR1)
 
         async def when_live():
             # The kernel sets the mount's readahead when it processes the INIT

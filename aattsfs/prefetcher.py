@@ -72,19 +72,23 @@ class Prefetcher:
                 nursery.start_soon(self._worker)
             task_status.started()
             async for ev in self.store.events_in:
-                await self._handle(ev)
+                try:
+                    await self._handle(ev)
+                except Exception:  # prefetching is an optimisation: never let it stop serving
+                    log.exception("prefetcher failed on %s; going on", ev)
 
     async def _handle(self, ev: dict) -> None:
         self.store.record_event(ev)
         if ev["op"] != "open":
             return
         rel, stream = ev["path"], (ev["pid"], ev["start"])
-        self.learner.observe(stream, rel)
+        files: dict[str, int] = {}
         if hints.is_trigger(rel):  # read again on every open: the model may have changed
             files = await trio.to_thread.run_sync(self._model_files, rel,
                                                   limiter=self.store.io_limiter)
             self._sizes.update(files)
             _remember(self._hinted, rel, list(files), MAX_CACHED)
+        self.learner.observe(stream, rel, files)
         _remember(self._live, stream, None, MAX_LIVE)
         self._plan(stream)
 
@@ -147,7 +151,7 @@ class Prefetcher:
         for rel, prom in self._inflight.items():
             if rel not in wanted and store.entries[rel].prefetched and not prom.cancelled:
                 log.debug("prefetch of %s is stale; cancelled", rel)
-                prom.cancelled = True
+                prom.cancel()
                 store.stats.prefetches_cancelled += 1
         self._wake.set()
 
@@ -168,8 +172,11 @@ class Prefetcher:
                 continue
             if prom is None:
                 continue
+            # A stale prefetch of rel may still be winding down under another
+            # worker: each removes only its own entry.
             self._inflight[rel] = prom
             try:
                 await prom.done.wait()
             finally:
-                del self._inflight[rel]
+                if self._inflight.get(rel) is prom:
+                    del self._inflight[rel]

@@ -95,6 +95,8 @@ class Promotion:
         self.done = trio.Event()
         self.failed = False
         self.cancelled = False
+        self._cancel_event = trio.Event()
+        self.committing = False  # the commit (fsync, rename) is running in a thread
         self.committed = False  # renamed into place; a cancel may still arrive after
         self.prefetch = prefetch  # the filler is paced until a process opens the file
 
@@ -108,7 +110,7 @@ class Promotion:
                                               length, limiter=self.store.io_limiter)
             if n != length:
                 log.info("%s shrank while being promoted; copy discarded", self.rel)
-                self.cancelled = True
+                self.cancel()
             self.state[idx] = 2
             self.store.stats.cold_bytes_read += n
         except OSError as exc:
@@ -117,6 +119,16 @@ class Promotion:
             self.state[idx] = 0
         finally:
             ev.set()
+
+    def cancel(self) -> None:
+        """Stop at the next chunk boundary (a paced filler stops waiting now);
+        the reservation is returned when the chunk copies in flight end."""
+        self.cancelled = True
+        self._cancel_event.set()
+
+    async def wait_cancelled(self, timeout: float) -> None:
+        with trio.move_on_after(timeout):
+            await self._cancel_event.wait()
 
     def _alive(self) -> bool:
         return not (self.failed or self.cancelled) and self.tmp_fd is not None
@@ -151,8 +163,9 @@ class Promotion:
                 if self._alive():
                     if version_of(self.store.cold.lstat(self.rel)) != self.version:
                         log.info("%s changed while being promoted; copy discarded", self.rel)
-                        self.cancelled = True
+                        self.cancel()
                     else:
+                        self.committing = True
                         await trio.to_thread.run_sync(
                             self.store.fast.commit, self.tmp_path, self.tmp_fd, self.rel,
                             self.version[1], limiter=self.store.io_limiter)
@@ -170,6 +183,13 @@ class Promotion:
                     if self.state[idx] == 1:
                         await ev.wait()
             self.store._promotion_ended(self)
+
+
+def _active(prom: Promotion | None) -> bool:
+    """Whether prom still holds its file: not cancelled, or committing (its
+    rename may still land). A cancelled one winding down otherwise (waiting
+    for a chunk copy) does not keep a new promotion of the file waiting."""
+    return prom is not None and (not prom.cancelled or prom.committing)
 
 
 @dataclass(eq=False)
@@ -336,7 +356,7 @@ class Store:
         """Hold a prefetch's filler to the cold-tier bandwidth cap, until a
         process opens the file (then it is a demand read)."""
         if self._pacer is not None and prom.prefetch and not self.entries[prom.rel].handles:
-            await trio.sleep(self._pacer.delay(nbytes, trio.current_time()))
+            await prom.wait_cancelled(self._pacer.delay(nbytes, trio.current_time()))
 
     # -- queries -----------------------------------------------------------
 
@@ -354,7 +374,7 @@ class Store:
         e = self.entries.get(rel)
         if e is None:
             return "cold"
-        if e.prom is not None:
+        if _active(e.prom):
             return "promoting"
         return e.record.tier
 
@@ -375,7 +395,7 @@ class Store:
             "promoted_bytes": s.promoted_bytes,
             "promotions_failed": s.promotions_failed,
             "promotions_cancelled": s.promotions_cancelled,
-            "promotions_in_flight": sum(1 for e in self.entries.values() if e.prom),
+            "promotions_in_flight": sum(1 for e in self.entries.values() if _active(e.prom)),
             "prefetch": {
                 "prefetches": s.prefetches,
                 "prefetched_bytes": s.prefetched_bytes,
@@ -418,7 +438,7 @@ class Store:
                 self.stats.invalidations += 1
                 self._drop_fast(rel)
             if e.prom is not None and e.prom.version != version:
-                e.prom.cancelled = True
+                e.prom.cancel()
             rec.size, rec.mtime_ns = version
             self._dirty.add(rel)
         return e, version
@@ -441,7 +461,7 @@ class Store:
             h.cold_fd = self.cold.open(rel)
             rec.misses += 1
             self.stats.opens_cold += 1
-            if e.prom is not None and not e.prom.cancelled:
+            if _active(e.prom):
                 h.prom = e.prom
             else:
                 self.stats.demand_misses += 1
@@ -467,7 +487,7 @@ class Store:
                 data = os.pread(h.fast_fd, size, off)
                 self._count(True, data)
                 return data
-            if not h.tried_promotion and h.entry.prom is None and h.version[0] > 0:
+            if not h.tried_promotion and not _active(h.entry.prom) and h.version[0] > 0:
                 h.tried_promotion = True
                 self._start_promotion(h.rel, h.entry, h.version)
             if h.prom is not None:
@@ -519,7 +539,7 @@ class Store:
         policy finds it worth what it evicts; attach every open handle of
         this version of the file to the promotion."""
         size = version[0]
-        if e.fast_bytes or e.prom is not None:
+        if e.fast_bytes or _active(e.prom):
             return e.prom
         if (self._nursery is None
                 or not self._make_room(size, protect, admit=rel, spare_open=prefetch)
@@ -547,7 +567,7 @@ class Store:
         in `protect` nor files open right now; None if it is already in the
         fast tier or on its way, or cannot be brought in at that price."""
         e, version = self._refresh(rel)
-        if e.fast_bytes or e.prom is not None or version[0] == 0:
+        if e.fast_bytes or _active(e.prom) or version[0] == 0:
             return None
         return self._start_promotion(rel, e, version, protect, prefetch=True)
 
@@ -662,7 +682,7 @@ class Store:
         if e is None:
             return
         if e.prom is not None:
-            e.prom.cancelled = True
+            e.prom.cancel()
         if e.fast_bytes:
             self._drop_fast(rel)
             self.stats.evictions += 1

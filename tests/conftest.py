@@ -56,7 +56,7 @@ def run_cli(*args, check=True, **kw) -> subprocess.CompletedProcess:
 
 class Mount:
     def __init__(self, root: Path, cold: Path, fast_size="256M", policy="lru",
-                 extra=(), fast: Path | None = None) -> None:
+                 extra=(), fast: Path | None = None, env: dict | None = None) -> None:
         self.cold = Path(cold)
         self.mnt = root / "mnt"
         self.fast = fast or root / "fast"
@@ -65,6 +65,7 @@ class Mount:
         self.fast_size = fast_size
         self.policy = policy
         self.extra = list(extra)
+        self.env = env
         self.allowed: list[re.Pattern] = []
         self.proc: subprocess.Popen | None = None
         self.mnt.mkdir(parents=True, exist_ok=True)
@@ -75,7 +76,9 @@ class Mount:
                "--fast-size", str(self.fast_size), "--policy", self.policy, *self.extra]
         with open(self.log, "ab") as logf:
             self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
+                                         stdin=subprocess.DEVNULL,
+                                         env=None if self.env is None else
+                                         {**os.environ, **self.env})
 
         def live():
             if self.proc.poll() is not None:
@@ -129,8 +132,8 @@ class Mount:
 def mounter(tmp_path, request, fast_tmpfs):  # after fast_tmpfs: unmounted before it
     mounts: list[Mount] = []
 
-    def make(cold, start=True, **kw) -> Mount:
-        m = Mount(tmp_path / f"m{len(mounts)}", cold, **kw)
+    def make(cold, start=True, root=None, **kw) -> Mount:
+        m = Mount(root or tmp_path / f"m{len(mounts)}", cold, **kw)
         mounts.append(m)
         return m.start() if start else m
 

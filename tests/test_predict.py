@@ -120,16 +120,20 @@ def test_the_chain_of_processes_stages_the_next_model():
         ["A/w1", "A/w2", "B/config"]
 
 
-def test_hints_come_first_and_skip_what_the_process_already_opened():
+def test_hinted_files_stay_expected_until_the_process_opens_them():
     lr = Learner("markov")
-    model = {"m/config": ["m/index", "m/s1", "m/s2"], "m/s1": ["m/config", "m/index", "m/s2"]}
-    hints = lambda k: model.get(k, [])  # noqa: E731
-    lr.observe(7, "m/config")
-    assert [k for k, _ in lr.forecast([7], lambda k: 1, 100, hints)] == \
-        ["m/index", "m/s1", "m/s2"]
-    lr.observe(7, "m/index")
-    lr.observe(7, "m/s1")
-    assert [k for k, _ in lr.forecast([7], lambda k: 1, 100, hints)] == ["m/s2"]
+    size = lambda k: 1  # noqa: E731
+    lr.observe(7, "m/config", hinted=["m/index", "m/s1", "m/s2"])
+    assert [k for k, _ in lr.forecast([7], size, 100)] == ["m/index", "m/s1", "m/s2"]
+    lr.observe(7, "m/tokenizer")  # another file first: the promise still holds
+    lr.observe(7, "m/s1", hinted=["m/config", "m/index", "m/s2"])  # opened: not again
+    assert [k for k, _ in lr.forecast([7], size, 100)] == ["m/index", "m/s2"]
+    # the next process of the chain is expanded through the hints of its first file
+    lr.observe(8, "n/config")
+    lr.observe(9, "m/config")
+    model = {"n/config": ["n/s1"]}
+    keys = [k for k, _ in lr.forecast([9], size, 100, hints=lambda k: model.get(k, []))]
+    assert keys[keys.index("n/config") + 1] == "n/s1"
 
 
 def test_staging_takes_likely_files_up_to_the_budget():

@@ -1,0 +1,142 @@
+"""Running as a service: the config file, systemd readiness and unit, the
+SIGUSR1 dump, and a control surface that only root and the owner may use."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from conftest import MiB, run_cli, wait_for, write_random
+
+REPO = Path(__file__).resolve().parents[1]
+NOBODY = 65534
+
+
+def one_line_error(proc, *needles):
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_config_file_mistakes_name_the_line_and_the_key(tmp_path):
+    cfg = tmp_path / "models.toml"
+    cold, mnt = tmp_path / "cold", tmp_path / "mnt"
+    cases = {
+        'fast_size = "12X"': (f"{cfg}:3:", "'fast_size'", "not a size"),
+        'fsat_size = "1G"': (f"{cfg}:3:", "unknown key 'fsat_size'", "fast_size"),
+        'policy = "mru"': (f"{cfg}:3:", "'policy'", "'mru'"),
+        'prefetch_jobs = 0': (f"{cfg}:3:", "'prefetch_jobs'"),
+        '[fast]\nsize = "1G"': (f"{cfg}:3:", "unknown key 'fast'"),
+        'fast_size =': ("not valid TOML", "line 3"),
+    }
+    for line, needles in cases.items():
+        cfg.write_text(f'cold_dir = "{cold}"\nmountpoint = "{mnt}"\n{line}\n')
+        one_line_error(run_cli("mount", "--config", cfg, check=False), *needles)
+    one_line_error(run_cli("mount", "--config", tmp_path / "nope.toml", check=False),
+                   "cannot read config file")
+    cfg.write_text('fast_size = "1G"\n')
+    one_line_error(run_cli("mount", "--config", cfg, check=False), "cold_dir and mountpoint")
+
+
+def test_config_file_settings_and_command_line_overrides(cold_tree, mounter, tmp_path):
+    cfg = tmp_path / "models.toml"
+    cfg.write_text('# a mount\npolicy = "lfu"\npredictor = "ppm"\nread_ahead = "2M"\n'
+                   'fast_size = "16M"\n')
+    m = mounter(cold_tree, fast_size="32M", extra=["--config", cfg])  # also --policy lru
+    s = m.stats()
+    assert s["fast_tier"]["budget_bytes"] == 32 * MiB  # the command line wins
+    assert s["fast_tier"]["policy"] == "lru"
+    assert "prefetch ppm" in m.log.read_text()  # from the file
+    from aattsfs.mount import _mount_table
+    dev = next(d for t, _, d in _mount_table() if t == str(m.mnt))
+    wait_for(lambda: Path(f"/sys/class/bdi/{dev}/read_ahead_kb").read_text().strip() == "2048",
+             what="the configured readahead")
+    cfg.write_text(f'mountpoint = "{m.mnt}"\n')
+    run_cli("umount", "--config", cfg)  # what the unit's ExecStop runs
+    wait_for(lambda: m.proc.poll() is not None, what="the daemon to exit")
+    assert m.proc.returncode == 0
+
+
+def test_ready_is_sent_to_systemd_once_the_mount_is_live(cold_tree, mounter, tmp_path):
+    addr = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(addr)
+        sock.settimeout(30)
+        m = mounter(cold_tree, env={"NOTIFY_SOCKET": addr})
+        assert sock.recv(4096) == b"READY=1"
+        assert (m.path("mid.bin")).stat().st_size == 3 * MiB  # live when READY came
+
+
+def test_sigusr1_dumps_tasks_and_threads_and_keeps_serving(cold_tree, mounter):
+    m = mounter(cold_tree)
+    m.expect_log("SIGUSR1: stacks of the trio tasks")
+    m.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: "SIGUSR1: stacks" in m.log.read_text(), what="the task dump")
+    log = m.log.read_text()
+    assert "Store.run" in log and "Prefetcher.run" in log  # the trio tasks
+    assert "Current thread" in log or "Thread 0x" in log  # faulthandler's thread dump
+    assert m.path("mid.bin").read_bytes() == (cold_tree / "mid.bin").read_bytes()
+
+
+def test_the_systemd_unit_installs_and_verifies(tmp_path):
+    run_cli("install-unit", "--unit-dir", tmp_path / "units", "--config-dir", tmp_path / "etc")
+    unit = (tmp_path / "units" / "aattsfs@.service").read_text()
+    assert "@AATTSFS@" not in unit and "Type=notify" in unit
+    assert "ExecStop=-" in unit and "umount --config /etc/aattsfs/%i.toml" in unit
+    assert (tmp_path / "etc" / "example.toml").read_text() == \
+        (REPO / "systemd" / "example.toml").read_text()
+    # the example config is accepted by the mount command itself
+    proc = run_cli("mount", "--config", tmp_path / "etc" / "example.toml", check=False)
+    assert "bad value" not in proc.stderr and "unknown key" not in proc.stderr
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    instance = tmp_path / "units" / "aattsfs@models.service"
+    instance.write_text(unit)
+    out = subprocess.run(["systemd-analyze", "verify", "--man=no", str(instance)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.fixture
+def open_root():
+    """A directory every user can traverse (tmp_path is root's alone); set up
+    before the mounter, so removed only after its mounts are gone."""
+    d = Path(tempfile.mkdtemp(prefix="aattsfs-test-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_only_root_and_the_owner_may_use_the_control_surface(open_root, tmp_path, mounter):
+    cold = tmp_path / "cold"
+    write_random(cold / "shared.bin", MiB, 1).chmod(0o666)  # the kernel lets anyone try
+    m = mounter(cold, root=open_root, extra=["--allow-other"])
+    path = str(m.path("shared.bin"))
+
+    def as_nobody(*cmd):
+        return subprocess.run(cmd, capture_output=True, text=True, errors="replace",
+                              user=NOBODY, group=NOBODY, extra_groups=[])
+
+    tier = as_nobody("getfattr", "--only-values", "-n", "user.aatts.tier", path)
+    assert tier.returncode == 0 and tier.stdout == "cold"  # looking is allowed
+    refused = as_nobody("setfattr", "-n", "user.aatts.tier", "-v", "fast", path)
+    assert refused.returncode != 0 and "not permitted" in refused.stderr
+    assert m.tier("shared.bin") == "cold" and m.stats()["promotions"] == 0
+    assert as_nobody("cat", path).returncode == 0  # reading is allowed (and promotes)
+    m.wait_tier("shared.bin")
+    for name, value in (("user.aatts.tier", "cold"), ("user.aatts.pinned", "1")):
+        refused = as_nobody("setfattr", "-n", name, "-v", value, path)
+        assert refused.returncode != 0 and "not permitted" in refused.stderr
+    assert m.tier("shared.bin") == "fast"
+    assert os.getxattr(path, "user.aatts.pinned") == b"0"
+    run_cli("evict", path)  # root may
+    assert m.tier("shared.bin") == "cold"
