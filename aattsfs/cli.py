@@ -3,6 +3,7 @@ the control surface of a live mount (xattrs and `.aatts/`)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -82,7 +83,11 @@ def cli():
               help="Least severe messages logged; debug logs every FUSE request.")
 @click.option("--debug", is_flag=True, help="Same as --log-level debug.")
 def mount(config_file, foreground, debug, **opts):
-    """Mount COLD_DIR on MOUNTPOINT (or those a --config file names)."""
+    """Mount COLD_DIR on MOUNTPOINT.
+
+    Both may come from a --config file instead. Without --foreground the
+    daemon detaches and logs to <state-dir>/aattsfs.log.
+    """
     from .mount import MountConfig, daemonize, run_foreground
 
     if config_file:
@@ -163,9 +168,10 @@ def _mount_context() -> click.Context:
 @click.option("--unit-dir", default="/etc/systemd/system", show_default=True)
 @click.option("--config-dir", default="/etc/aattsfs", show_default=True)
 def install_unit(unit_dir, config_dir):
-    """Install the systemd unit aattsfs@.service and an example config.
+    """Install the systemd unit and an example config.
 
-    Then write /etc/aattsfs/NAME.toml (see example.toml there) and run
+    Puts aattsfs@.service in --unit-dir and example.toml in --config-dir. Then
+    write /etc/aattsfs/NAME.toml (see example.toml there) and run
     `systemctl enable --now aattsfs@NAME`. An existing config is kept.
     """
     import shlex
@@ -266,19 +272,25 @@ def _act(paths, name: bytes, value: bytes, verb: str):
     for path in paths:  # never set an xattr on a file outside a mount
         if os.path.lexists(path) and aattsfs_mount_of(path) is None:
             raise UserError(f"{path} is not on an aattsfs mount")
-    count = 0
-    for path in _files(paths):
-        if os.path.islink(path) or os.path.getsize(path) == 0:
-            continue
-        try:
-            os.setxattr(path, name, value)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise UserError(f"cannot {verb} {path}: it does not fit in the fast tier "
-                                "next to pinned files; unpin some or raise --fast-size") from None
-            raise UserError(f"cannot {verb} {path}: {exc.strerror}") from None
-        count += 1
-    click.echo(f"{verb}: {count} file(s)")
+    files = [(p, os.path.getsize(p)) for p in _files(paths) if not os.path.islink(p)]
+    files = [(p, n) for p, n in files if n]
+    # A bar by bytes on a terminal (warm waits for each promotion); nothing
+    # on a pipe, where scripts read the one line of the result.
+    bar = click.progressbar(length=sum(n for _, n in files), label=verb, file=sys.stderr,
+                            show_percent=True, show_eta=True) if sys.stderr.isatty() else None
+    with bar or contextlib.nullcontext():
+        for path, size in files:
+            try:
+                os.setxattr(path, name, value)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise UserError(f"cannot {verb} {path}: it does not fit in the fast tier "
+                                    "next to pinned files; unpin some or raise --fast-size") \
+                        from None
+                raise UserError(f"cannot {verb} {path}: {exc.strerror}") from None
+            if bar is not None:
+                bar.update(size)
+    click.echo(f"{verb}: {len(files)} file(s), {format_size(sum(n for _, n in files))}")
 
 
 ACTIONS = [  # (command, xattr, value, help)

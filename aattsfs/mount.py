@@ -235,6 +235,17 @@ def setup_logging(level: str = "info") -> None:
         fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=getattr(logging, level.upper()), format=fmt,
                         stream=sys.stderr, force=True)
+    logging.getLogger("pyfuse3").addFilter(_late_reply_is_not_an_error)
+
+
+def _late_reply_is_not_an_error(record: logging.LogRecord) -> bool:
+    """pyfuse3 logs an ERROR when the kernel no longer waits for a reply
+    (ENOENT: the request was interrupted, or the mount went away first, as
+    a release racing an unmount). Nothing is lost then: log it as INFO."""
+    if record.levelno >= logging.ERROR and "failed with No such file or directory" in \
+            record.getMessage():
+        record.levelno, record.levelname = logging.INFO, "INFO"
+    return True
 
 
 def _dump_tasks() -> None:

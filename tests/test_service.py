@@ -140,3 +140,17 @@ def test_only_root_and_the_owner_may_use_the_control_surface(open_root, tmp_path
     assert os.getxattr(path, "user.aatts.pinned") == b"0"
     run_cli("evict", path)  # root may
     assert m.tier("shared.bin") == "cold"
+
+
+def test_warm_shows_a_progress_bar_on_a_terminal_only(cold_tree, mounter):
+    m = mounter(cold_tree)
+    target = m.path("models")
+    import shlex
+    import sys
+    cmd = shlex.join([sys.executable, "-m", "aattsfs", "warm", str(target)])
+    tty = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True, text=True,
+                         errors="replace")
+    assert tty.returncode == 0 and "100%" in tty.stdout, tty.stdout
+    assert "warm: 3 file(s), 12.0 MiB" in tty.stdout
+    piped = run_cli("evict", target)
+    assert piped.stdout == "evict: 3 file(s), 12.0 MiB\n" and piped.stderr == ""
