@@ -76,6 +76,10 @@ def cli():
 @click.option("--push-page-cache", is_flag=True,
               help="Also copy each staged file into the kernel page cache (RAM used twice; "
               "see docs/prediction.md).")
+@click.option("--metrics-address", metavar="HOST:PORT",
+              help="Serve Prometheus metrics there, e.g. 127.0.0.1:9464 [default: off].")
+@click.option("--metrics-allow-remote", is_flag=True,
+              help="Allow a --metrics-address other machines can reach (no authentication).")
 @click.option("--allow-other", is_flag=True, help="Let other users access the mount.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground "
               "(for systemd and debugging); log to stderr.")

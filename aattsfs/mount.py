@@ -27,6 +27,7 @@ import trio
 from .errors import UserError
 from .fs import Operations
 from .metadata import MetaStore
+from . import metrics
 from .policy import make_policy
 from .prefetcher import Prefetcher
 from .store import Store
@@ -55,6 +56,8 @@ class MountConfig:
     prefetch_jobs: int = 2  # promotions the prefetcher runs at once
     prefetch_bandwidth: int = 0  # bytes/s of cold reads for prefetch; 0: no cap
     push_page_cache: bool = False  # copy staged files into the kernel page cache too
+    metrics_address: str | None = None  # HOST:PORT of the Prometheus endpoint
+    metrics_allow_remote: bool = False
 
 
 def mount_key(mountpoint: str) -> str:
@@ -190,6 +193,8 @@ def prepare(cfg: MountConfig) -> MountConfig:
         raise UserError(f"fast dir {fast} has room for {format_size(room)}, less than the "
                         f"budget of {format_size(cfg.fast_size)}; lower --fast-size or choose "
                         "another --fast-dir")
+    if cfg.metrics_address:
+        metrics.parse_address(cfg.metrics_address, cfg.metrics_allow_remote)
     return dataclasses.replace(cfg, cold=cold, mountpoint=mnt, fast_dir=fast, state_dir=state)
 
 
@@ -287,6 +292,14 @@ def run_foreground(cfg: MountConfig) -> None:
     meta = MetaStore(os.path.join(cfg.state_dir, "lmdb"))
     store = Store(ColdTier(cfg.cold), FastTier(cfg.fast_dir, cfg.fast_size), meta,
                   make_policy(cfg.policy), prefetch_rate=cfg.prefetch_bandwidth)
+    exporter = None
+    if cfg.metrics_address:  # first: a taken port stops the start before anything else
+        try:
+            exporter = metrics.start(store, metrics.parse_address(cfg.metrics_address,
+                                                                  cfg.metrics_allow_remote))
+        except UserError:
+            meta.close()
+            raise
     store.recover()
     prefetcher = Prefetcher(store, cfg.predictor, cfg.prefetch, cfg.prefetch_jobs)
     prefetcher.learn_from(meta.events())
@@ -306,7 +319,7 @@ def run_foreground(cfg: MountConfig) -> None:
              cfg.predictor if cfg.prefetch else "off")
     unmount = True
     try:
-        unmount = trio.run(_serve, store, prefetcher, cfg)
+        unmount = trio.run(_serve, store, prefetcher, cfg, exporter)
     finally:
         store.flush()  # the trio loop has ended: no promotion is left
         meta.close()
@@ -315,10 +328,13 @@ def run_foreground(cfg: MountConfig) -> None:
         log.info("unmounted %s", cfg.mountpoint)
 
 
-async def _serve(store: Store, prefetcher: Prefetcher, cfg: MountConfig) -> bool:
+async def _serve(store: Store, prefetcher: Prefetcher, cfg: MountConfig,
+                 exporter: "metrics.Exporter | None") -> bool:
     """Run until unmounted from outside (returns False) or told to stop by a
     signal (returns True: we still have to unmount)."""
     stopped_by_signal = False
+    if exporter is not None:
+        exporter.token = trio.lowlevel.current_trio_token()
     async with trio.open_nursery() as nursery:
         await nursery.start(store.run)
         await nursery.start(prefetcher.run)

@@ -24,8 +24,10 @@ Promotion protocol (docs/promotion.md explains why):
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import stat
@@ -224,6 +226,25 @@ class Entry:
     prefetched: bool = False  # staged by the prefetcher and not opened since
 
 
+class Histogram:
+    """Counts of observations per upper bound (Prometheus buckets: each
+    count includes the smaller ones), plus their sum."""
+
+    BOUNDS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+              2.5, float("inf"))
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(self.BOUNDS)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        self.counts[bisect.bisect_left(self.BOUNDS, value)] += 1
+
+    def buckets(self) -> list[tuple[float, int]]:
+        return list(zip(self.BOUNDS, itertools.accumulate(self.counts), strict=True))
+
+
 @dataclass
 class Stats:
     started: float = field(default_factory=time.time)
@@ -247,6 +268,8 @@ class Stats:
     demand_miss_bytes: int = 0
     events_dropped: int = 0  # the prefetcher fell behind by EVENT_BUFFER events
     pushed_bytes: int = 0  # staged copies pushed into the kernel page cache
+    read_seconds: dict = field(default_factory=lambda: {"fast": Histogram(),
+                                                        "cold": Histogram()})
     evictions: int = 0
     evicted_bytes: int = 0
     invalidations: int = 0
@@ -407,6 +430,7 @@ class Store:
                 "events_dropped": s.events_dropped,
                 "pushed_bytes": s.pushed_bytes,
             },
+            "open_files": sum(len(e.handles) for e in self.entries.values()),
             "evictions": s.evictions,
             "evicted_bytes": s.evicted_bytes,
             "invalidations": s.invalidations,
@@ -477,16 +501,24 @@ class Store:
         return h
 
     async def read(self, h: Handle, off: int, size: int) -> bytes:
-        data = await self._read(h, off, size)
+        start = time.perf_counter()
+        data, fast = await self._read(h, off, size)
+        s = self.stats
+        if fast:
+            s.reads_fast += 1
+            s.bytes_fast += len(data)
+        else:
+            s.reads_cold += 1
+            s.bytes_cold += len(data)
+        s.read_seconds["fast" if fast else "cold"].observe(time.perf_counter() - start)
         h.note_read(off, len(data))
         return data
 
-    async def _read(self, h: Handle, off: int, size: int) -> bytes:
+    async def _read(self, h: Handle, off: int, size: int) -> tuple[bytes, bool]:
+        """The bytes, and whether they came without waiting for the cold tier."""
         while True:
             if h.fast_fd is not None:
-                data = os.pread(h.fast_fd, size, off)
-                self._count(True, data)
-                return data
+                return os.pread(h.fast_fd, size, off), True
             if not h.tried_promotion and not _active(h.entry.prom) and h.version[0] > 0:
                 h.tried_promotion = True
                 self._start_promotion(h.rel, h.entry, h.version)
@@ -494,9 +526,7 @@ class Store:
                 prom = h.prom
                 usable, waited = await prom.ensure(off, size)
                 if usable:
-                    data = os.pread(prom.tmp_fd, size, off)
-                    self._count(not waited, data)
-                    return data
+                    return os.pread(prom.tmp_fd, size, off), not waited
                 if h.prom is prom:  # ended without moving this handle
                     h.prom = None
                 continue
@@ -505,16 +535,7 @@ class Store:
             data = await trio.to_thread.run_sync(os.pread, h.cold_fd, size, off,
                                                  limiter=self.io_limiter)
             self.stats.cold_bytes_read += len(data)
-            self._count(False, data)
-            return data
-
-    def _count(self, fast: bool, data: bytes) -> None:
-        if fast:
-            self.stats.reads_fast += 1
-            self.stats.bytes_fast += len(data)
-        else:
-            self.stats.reads_cold += 1
-            self.stats.bytes_cold += len(data)
+            return data, False
 
     def release(self, h: Handle) -> None:
         if h.ranges:

@@ -91,7 +91,7 @@ def test_prefetch_never_breaks_the_budget(pattern, monkeypatch):
 
 def test_streams_learn_their_own_order_when_interleaved():
     lr = Learner("markov")
-    for a, x in zip("abc", "xyz"):  # two processes open files in turn
+    for a, x in zip("abc", "xyz", strict=True):  # two processes open files in turn
         lr.observe(1, a)
         lr.observe(2, x)
     assert lr.within.after(["a"]) == [("b", 1.0)]

@@ -154,3 +154,53 @@ def test_warm_shows_a_progress_bar_on_a_terminal_only(cold_tree, mounter):
     assert "warm: 3 file(s), 12.0 MiB" in tty.stdout
     piped = run_cli("evict", target)
     assert piped.stdout == "evict: 3 file(s), 12.0 MiB\n" and piped.stderr == ""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_prometheus_metrics_match_the_stats(cold_tree, mounter):
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+    port = _free_port()
+    m = mounter(cold_tree, extra=["--metrics-address", f"127.0.0.1:{port}"])
+    for _ in range(2):
+        (m.path("mid.bin")).read_bytes()
+        m.wait_tier("mid.bin")
+    (m.path("models/a/weights.bin")).read_bytes()
+    wait_for(lambda: m.stats()["promotions_in_flight"] == 0, what="promotions to end")
+    s = m.stats()
+    text = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = {(x.name, tuple(sorted(x.labels.items()))): x.value
+               for f in text_string_to_metric_families(text) for x in f.samples}
+    for tier in ("fast", "cold"):
+        assert samples[("aattsfs_opens_total", (("tier", tier),))] == s["opens"][tier]
+        assert samples[("aattsfs_served_bytes_total", (("tier", tier),))] == \
+            s["bytes_served"][tier]
+        assert samples[("aattsfs_read_seconds_count", (("tier", tier),))] == s["reads"][tier]
+    assert samples[("aattsfs_fast_tier_budget_bytes", ())] == 256 * MiB
+    assert samples[("aattsfs_fast_tier_used_bytes", ())] == s["fast_tier"]["used_bytes"]
+    assert samples[("aattsfs_promotions_total", ())] == s["promotions"]
+    assert samples[("aattsfs_process_resident_memory_bytes", ())] > 10 * MiB
+    assert samples[("aattsfs_process_cpu_seconds_total", ())] > 0
+
+
+def test_metrics_refuse_a_remote_address_and_a_taken_port(cold_tree, tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    one_line_error(run_cli("mount", cold_tree, mnt, "--metrics-address", "0.0.0.0:9464",
+                           check=False), "no authentication", "--metrics-allow-remote")
+    one_line_error(run_cli("mount", cold_tree, mnt, "--metrics-address", "localhost",
+                           check=False), "is not HOST:PORT")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        one_line_error(run_cli("mount", cold_tree, mnt, "--foreground", "--metrics-address",
+                               f"127.0.0.1:{port}", "--state-dir", tmp_path / "s",
+                               "--fast-dir", tmp_path / "f", "--fast-size", "16M",
+                               check=False), "cannot be used")
