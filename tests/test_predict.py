@@ -141,3 +141,21 @@ def test_staging_takes_likely_files_up_to_the_budget():
     assert staging(ahead, lambda k: 10, 30) == [0, 2, 3]
     protected = ExpectedBy(ranks(ahead), 2, frozenset({"x"}))
     assert [k for k in "abcdexy" if k in protected] == ["a", "b", "c", "x"]
+
+
+def test_per_process_streams_lose_nothing_against_one_sequence():
+    # the pipeline pattern, replayed as one stream and with each model load
+    # a process of its own: the chain of processes must recover what the
+    # global sequence knew (which model comes next)
+    from aattsfs.tracegen import pipeline
+    one = pipeline(loads=60)
+    pid, per_process = 0, []
+    for r in one:
+        pid += r.path.endswith("config.json")
+        per_process.append(Request(r.path, r.size, (pid, 0.0)))
+    budget = sum({r.path: r.size for r in one}.values()) // 2
+    for policy, prefetch in (("predictive", False), ("lru", True)):
+        a = simulate(one, budget, make_policy(policy), Learner("markov"), prefetch=prefetch)
+        b = simulate(per_process, budget, make_policy(policy), Learner("markov"),
+                     prefetch=prefetch)
+        assert b.hit_bytes == a.hit_bytes and b.hit_bytes > 0.4 * b.bytes_requested
