@@ -14,9 +14,16 @@ demo: venv
 	$(PY) scripts/demo.py
 
 test: venv
+	@scripts/install-system-deps.sh --test
 	$(PY) -m pytest
 
-venv: system-deps $(STAMP)
+# Chart.js for the dashboard, from the npm registry at build time (not in git).
+CHARTJS := aattsfs/static/chart.umd.js
+
+venv: system-deps $(STAMP) $(CHARTJS)
+
+$(CHARTJS): scripts/vendor_chartjs.py
+	$(PYTHON) scripts/vendor_chartjs.py $@
 
 system-deps:
 	@scripts/install-system-deps.sh

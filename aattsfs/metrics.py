@@ -1,4 +1,5 @@
-"""The Prometheus endpoint (prometheus-client), served from a thread.
+"""The Prometheus endpoint (prometheus-client) and the live dashboard,
+served from one port by a thread.
 
 A scrape asks the trio thread for one consistent snapshot of the store
 (`trio.from_thread.run_sync`): the store's state is only ever touched from
@@ -10,13 +11,19 @@ Names follow the Prometheus conventions: `aattsfs_..._total` for counters,
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import os
 import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import psutil
 import trio
-from prometheus_client import start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
 from prometheus_client.registry import CollectorRegistry
@@ -27,6 +34,8 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 TIERS = ("fast", "cold")
+STATIC = Path(__file__).parent / "static"
+HOTTEST = 15  # files in the dashboard's table
 
 
 def parse_address(text: str, allow_remote: bool) -> tuple[str, int]:
@@ -51,14 +60,39 @@ def parse_address(text: str, allow_remote: bool) -> tuple[str, int]:
 class Exporter:
     """The collector behind the endpoint; `token` is set once trio runs."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, mountpoint: str = "") -> None:
         self.store = store
+        self.mountpoint = mountpoint
         self.token: trio.lowlevel.TrioToken | None = None
         self.proc = psutil.Process(os.getpid())
 
     def _take(self) -> tuple[dict, dict]:  # on the trio thread
         latency = {t: (h.buckets(), h.sum) for t, h in self.store.stats.read_seconds.items()}
         return self.store.snapshot(), latency
+
+    def _view(self) -> dict:  # on the trio thread: what the dashboard polls
+        s, latency = self._take()
+        store = self.store
+        hot = sorted(store.entries.items(),
+                     key=lambda kv: -(kv[1].record.hits + kv[1].record.misses))[:HOTTEST]
+        return {
+            "time": time.time(),
+            "mountpoint": self.mountpoint,
+            "stats": s,
+            "latency": {t: {"buckets": [["+Inf" if b == float("inf") else b, n]
+                                        for b, n in buckets], "sum": total}
+                        for t, (buckets, total) in latency.items()},
+            "hottest": [{"path": rel, "tier": store.tier(rel), "size": e.record.size,
+                         "opens": e.record.hits + e.record.misses} for rel, e in hot],
+        }
+
+    def view(self) -> dict | None:
+        if self.token is None:
+            return None
+        try:
+            return trio.from_thread.run_sync(self._view, trio_token=self.token)
+        except trio.RunFinishedError:
+            return None
 
     def collect(self):
         if self.token is None:
@@ -118,16 +152,56 @@ class Exporter:
                     self.proc.memory_info().rss)
 
 
-def start(store: Store, address: tuple[str, int]) -> Exporter:
-    """Bind and serve the endpoint in a thread, before the mount, so that a
-    taken port stops the start with one clear line."""
-    exporter = Exporter(store)
+class _Handler(BaseHTTPRequestHandler):
+    exporter: Exporter
+    registry: CollectorRegistry
+    FILES = {"/": ("dashboard.html", "text/html; charset=utf-8"),
+             "/chart.umd.js": ("chart.umd.js", "application/javascript")}
+
+    def do_GET(self) -> None:  # noqa: N802 (the http.server name)
+        path = urlsplit(self.path).path
+        if path == "/metrics":
+            self._reply(200, CONTENT_TYPE_LATEST, generate_latest(self.registry))
+        elif path == "/api/stats":
+            view = self.exporter.view()
+            if view is None:
+                self._reply(503, "text/plain", b"not serving\n")
+            else:
+                self._reply(200, "application/json", json.dumps(view).encode())
+        elif path in self.FILES:
+            name, ctype = self.FILES[path]
+            try:
+                self._reply(200, ctype, (STATIC / name).read_bytes())
+            except OSError:
+                self._reply(404, "text/plain", f"{name} is missing from the install\n".encode())
+        else:
+            self._reply(404, "text/plain", b"not found\n")
+
+    def _reply(self, code: int, ctype: str, body: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, fmt, *args) -> None:
+        log.debug("http: " + fmt, *args)
+
+
+def start(store: Store, address: tuple[str, int], mountpoint: str = "") -> Exporter:
+    """Bind and serve /metrics, the dashboard (/) and its data (/api/stats)
+    in a thread, before the mount, so that a taken port stops the start with
+    one clear line."""
+    exporter = Exporter(store, mountpoint)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(exporter)
+    handler = type("Handler", (_Handler,), {"exporter": exporter, "registry": registry})
     try:
-        start_http_server(address[1], address[0], registry=registry)
+        server = ThreadingHTTPServer(address, handler)
     except OSError as exc:
         raise UserError(f"metrics address {address[0]}:{address[1]} cannot be used "
                         f"({exc.strerror}); choose another --metrics-address") from None
-    log.info("metrics on http://%s:%d/metrics", *address)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    log.info("metrics on http://%s:%d/metrics, dashboard on http://%s:%d/", *address, *address)
     return exporter

@@ -296,7 +296,8 @@ def run_foreground(cfg: MountConfig) -> None:
     if cfg.metrics_address:  # first: a taken port stops the start before anything else
         try:
             exporter = metrics.start(store, metrics.parse_address(cfg.metrics_address,
-                                                                  cfg.metrics_allow_remote))
+                                                                  cfg.metrics_allow_remote),
+                                     cfg.mountpoint)
         except UserError:
             meta.close()
             raise
