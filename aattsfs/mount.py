@@ -233,13 +233,27 @@ def _set_read_ahead(mountpoint: str, nbytes: int) -> None:
                  path, exc.strerror)
 
 
+class _JournalFormatter(logging.Formatter):
+    """Under systemd: no timestamp (the journal adds it, with the unit), and
+    a `<N>` syslog priority prefix, which journald turns into the entry's
+    priority, so that `journalctl -p warning` finds warnings."""
+
+    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                logging.CRITICAL: 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{self.PRIORITY.get(record.levelno, 6)}>"
+        return prefix + super().format(record).replace("\n", "\n" + prefix)
+
+
 def setup_logging(level: str = "info") -> None:
-    if os.environ.get("JOURNAL_STREAM"):  # under systemd: journald adds time and unit
-        fmt = "%(levelname)s %(name)s: %(message)s"
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):  # stderr is connected to the journal
+        handler.setFormatter(_JournalFormatter("%(levelname)s %(name)s: %(message)s"))
     else:
-        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=getattr(logging, level.upper()), format=fmt,
-                        stream=sys.stderr, force=True)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: "
+                                               "%(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
     logging.getLogger("pyfuse3").addFilter(_late_reply_is_not_an_error)
 
 

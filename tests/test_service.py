@@ -204,3 +204,14 @@ def test_metrics_refuse_a_remote_address_and_a_taken_port(cold_tree, tmp_path):
                                f"127.0.0.1:{port}", "--state-dir", tmp_path / "s",
                                "--fast-dir", tmp_path / "f", "--fast-size", "16M",
                                check=False), "cannot be used")
+
+
+def test_under_systemd_log_lines_carry_journal_priorities(cold_tree, mounter):
+    m = mounter(cold_tree, env={"JOURNAL_STREAM": "8:1234"})
+    m.expect_log("<4>WARNING")
+    m.proc.send_signal(signal.SIGUSR1)  # logs a WARNING (the task dump)
+    wait_for(lambda: "<4>WARNING aattsfs.mount: SIGUSR1" in m.log.read_text(),
+             what="the dump at warning priority")
+    lines = [ln for ln in m.log.read_text().splitlines() if ln.startswith("<")]
+    assert any(ln.startswith("<6>INFO aattsfs.mount: mounted ") for ln in lines)
+    assert not any(ln[3:7].isdigit() for ln in lines)  # no timestamp of our own
