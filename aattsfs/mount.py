@@ -138,6 +138,8 @@ def _ensure_dir(path: str, what: str, option: str) -> None:
 def prepare(cfg: MountConfig) -> MountConfig:
     """Check everything the user gave; return the config with every path
     resolved and defaults filled in. Raises UserError with one clear line."""
+    if cfg.metrics_address:  # before anything is created on disk
+        metrics.parse_address(cfg.metrics_address, cfg.metrics_allow_remote)
     if not os.path.exists("/dev/fuse"):
         raise UserError("FUSE is not available: /dev/fuse is missing; load the module "
                         "(modprobe fuse) or give this container the /dev/fuse device")
@@ -193,8 +195,6 @@ def prepare(cfg: MountConfig) -> MountConfig:
         raise UserError(f"fast dir {fast} has room for {format_size(room)}, less than the "
                         f"budget of {format_size(cfg.fast_size)}; lower --fast-size or choose "
                         "another --fast-dir")
-    if cfg.metrics_address:
-        metrics.parse_address(cfg.metrics_address, cfg.metrics_allow_remote)
     return dataclasses.replace(cfg, cold=cold, mountpoint=mnt, fast_dir=fast, state_dir=state)
 
 

@@ -192,10 +192,14 @@ def test_prometheus_metrics_match_the_stats(cold_tree, mounter):
 def test_metrics_refuse_a_remote_address_and_a_taken_port(cold_tree, tmp_path):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    one_line_error(run_cli("mount", cold_tree, mnt, "--metrics-address", "0.0.0.0:9464",
-                           check=False), "no authentication", "--metrics-allow-remote")
-    one_line_error(run_cli("mount", cold_tree, mnt, "--metrics-address", "localhost",
-                           check=False), "is not HOST:PORT")
+    for address, needles in (("0.0.0.0:9464", ("no authentication", "--metrics-allow-remote")),
+                             ("localhost", ("is not HOST:PORT",))):
+        one_line_error(run_cli("mount", cold_tree, mnt, "--metrics-address", address,
+                               check=False), *needles)
+    # refused before the default fast and state directories were created
+    from aattsfs.mount import default_fast_dir, default_state_dir
+    assert not os.path.exists(default_fast_dir(str(mnt)))
+    assert not os.path.exists(default_state_dir(str(mnt)))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
