@@ -32,23 +32,16 @@ import os
 import platform
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+from benchenv import FAST, WORK
 
-from aattsfs.mount import is_mounted  # noqa: E402
-from harness import Wrap, drop_caches, publish, wait_promotions  # noqa: E402
-import harness  # noqa: E402
+import harness
+from aattsfs.mount import is_mounted
+from harness import Wrap, drop_caches, publish, wait_promotions
 
-WORK = REPO / "work" / "bench"
 TMPFS_COPY = Path("/dev/shm/aattsfs-bench-copy")
-FAST = Path("/dev/shm/aattsfs-bench-fast")
 
 
 WRAP: Wrap = list  # how to run what touches the cold tier (its cgroup when throttled)

@@ -18,15 +18,12 @@ import argparse
 import re
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-from harness import cli, update_doc  # noqa: E402
+from benchenv import WORK
 
-WORK = REPO / "work" / "bench"
+from harness import cli, update_doc
 
 
 def build(root: Path) -> None:

@@ -27,21 +27,14 @@ import argparse
 import os
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-sys.path.insert(0, str(REPO))
-os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+from benchenv import FAST, WORK
 
-from aattsfs.mount import is_mounted  # noqa: E402
-from harness import drop_caches, publish, stats  # noqa: E402
-import harness  # noqa: E402
-
-WORK = REPO / "work" / "bench"
-FAST = Path("/dev/shm/aattsfs-bench-fast")
+import harness
+from aattsfs.mount import is_mounted
+from harness import drop_caches, publish, stats
 
 
 def stage(model: Path, mnt: Path, push: bool) -> tuple[float, float, int]:

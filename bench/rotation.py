@@ -34,22 +34,15 @@ import platform
 import random
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+from benchenv import FAST, WORK
 
-from aattsfs.mount import is_mounted  # noqa: E402
-from harness import drop_caches, publish  # noqa: E402
-import harness  # noqa: E402
+import harness
+from aattsfs.mount import is_mounted
+from harness import drop_caches, publish
 
-WORK = REPO / "work" / "bench"
-FAST = Path("/dev/shm/aattsfs-bench-fast")
 TMPFS_COPY = Path("/dev/shm/aattsfs-bench-rotation")
 TARGETS = {  # name -> aattsfs mount options, or the directory loaded from directly
     "direct": "cold",

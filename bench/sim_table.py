@@ -9,18 +9,14 @@ Deterministic (traces from fixed seeds), so no repetitions are needed.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
+import benchenv  # noqa: F401 (the import path)
 
-from aattsfs.policy import make_policy  # noqa: E402
-from aattsfs.learn import Learner  # noqa: E402
-from aattsfs.sim import belady_min, byte_bound, simulate  # noqa: E402
-from aattsfs.tracegen import PATTERNS  # noqa: E402
-from harness import update_doc  # noqa: E402
+from aattsfs.learn import Learner
+from aattsfs.policy import make_policy
+from aattsfs.sim import belady_min, byte_bound, simulate
+from aattsfs.tracegen import PATTERNS
+from harness import update_doc
 
 DEMAND = [("LRU", "lru", None), ("LFU", "lfu", None),
           ("predictive + last successor", "predictive", "last"),
