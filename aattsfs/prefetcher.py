@@ -2,13 +2,12 @@
 forecast into promotions (docs/prediction.md).
 
 The store sends every open and, at release, the read ranges of each open
-over a memory channel; the read path never waits for this task. Per event:
-
-1. the event goes to the trace (LMDB); its stream, (process id, process
-   start time), was resolved by the store while the request was pending;
-2. an open teaches the learner, and then the forecast for the live streams is made: the predictive
-   eviction policy ranks by it, and its likely part replaces the staging
-   queue; prefetches in flight that left it are cancelled (stale).
+over a memory channel (and keeps them for the trace itself); the read path
+never waits for this task. Each event names its stream, (process id,
+process start time), resolved while the request was pending. An open
+teaches the learner; then the forecast for the live streams is made: the
+predictive eviction policy ranks by it, its likely part replaces the
+staging queue, and prefetches in flight that left it are cancelled.
 
 `jobs` workers take files from the queue and promote them, each holding
 the forecast files expected sooner than it as protected from eviction; the
@@ -35,7 +34,7 @@ from .store import Promotion, Store
 log = logging.getLogger(__name__)
 
 MAX_LIVE = 64  # processes whose streams are forecast for at once
-MAX_CACHED = 4096  # files whose hints are remembered (for the chain's forecasts)
+MAX_CACHED = 4096  # entries of each cache: hints, sizes of hinted files, checked headers
 
 
 def _remember(cache: OrderedDict, key, value, limit: int) -> None:
@@ -56,7 +55,7 @@ class Prefetcher:
         self._wake = trio.Event()
         self._live: OrderedDict[Stream, None] = OrderedDict()
         self._hinted: OrderedDict[str, list[str]] = OrderedDict()  # rel -> model files
-        self._sizes: dict[str, int] = {}  # of hinted files not opened yet
+        self._sizes: OrderedDict[str, int] = OrderedDict()  # of hinted files not opened yet
         self._checked: OrderedDict[tuple, bool] = OrderedDict()  # (rel, size, mtime) -> complete
         self._inflight: dict[str, Promotion] = {}
 
@@ -78,7 +77,6 @@ class Prefetcher:
                     log.exception("prefetcher failed on %s; going on", ev)
 
     async def _handle(self, ev: dict) -> None:
-        self.store.record_event(ev)
         if ev["op"] != "open":
             return
         rel, stream = ev["path"], (ev["pid"], ev["start"])
@@ -86,7 +84,8 @@ class Prefetcher:
         if hints.is_trigger(rel):  # read again on every open: the model may have changed
             files = await trio.to_thread.run_sync(self._model_files, rel,
                                                   limiter=self.store.io_limiter)
-            self._sizes.update(files)
+            for f, n in files.items():
+                _remember(self._sizes, f, n, MAX_CACHED)
             _remember(self._hinted, rel, list(files), MAX_CACHED)
         self.learner.observe(stream, rel, files)
         _remember(self._live, stream, None, MAX_LIVE)

@@ -365,11 +365,10 @@ class Store:
         self._dirty, self._events = set(), []
         self.meta.write_batch(batch, events)
 
-    def record_event(self, event: dict) -> None:
-        """Keep an access event for the trace (flushed to LMDB)."""
-        self._events.append(event)
-
     def _emit(self, event: dict) -> None:
+        """An access event: kept for the trace (flushed to LMDB with the next
+        batch) and sent to the prefetcher, without waiting for either."""
+        self._events.append(event)
         try:
             self.events_out.send_nowait(event)
         except trio.WouldBlock:
