@@ -156,16 +156,12 @@ def umount(mountpoint, config_file, lazy):
     """Unmount an aattsfs mount."""
     from .mount import unmount
 
-    if config_file and not mountpoint:
-        mountpoint = _read_config(_mount_context(), config_file).get("mountpoint")
+    if config_file and not mountpoint:  # the file is a mount's: read it as `mount` would
+        mount_ctx = click.Context(mount, info_name="mount")
+        mountpoint = _read_config(mount_ctx, config_file).get("mountpoint")
     if not mountpoint:
         raise UserError("give the MOUNTPOINT, or a --config file that sets mountpoint")
     unmount(mountpoint, lazy)
-
-
-def _mount_context() -> click.Context:
-    """A context of `aattsfs mount`, to read its config file from elsewhere."""
-    return click.Context(mount, info_name="mount")
 
 
 @cli.command("install-unit")
