@@ -9,12 +9,13 @@ device and removes the cgroup, also after an interrupted run.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
-CGROUP = Path("/sys/fs/cgroup/blkio/aattsfs-bench")
+BLKIO = Path("/sys/fs/cgroup/blkio")
 
 
 def _run(*cmd: str) -> str:
@@ -28,6 +29,9 @@ class SlowCold:
         self.size_mb = size_mb
         self.bps = read_mbps * 1_000_000
         self.loop: str | None = None
+        # one cgroup per image: a test's cold tier and a benchmark's are apart
+        tag = hashlib.sha1(str(self.image.resolve()).encode()).hexdigest()[:8]
+        self.cgroup = BLKIO / f"aattsfs-bench-{tag}"
 
     def __enter__(self) -> "SlowCold":
         self.teardown()
@@ -40,14 +44,24 @@ class SlowCold:
         # throttle is supposed to slow down
         self.loop = _run("losetup", "--find", "--show", "--direct-io=on", str(self.image))
         _run("mount", self.loop, str(self.mnt))
-        CGROUP.mkdir(exist_ok=True)
+        self.cgroup.mkdir(exist_ok=True)
         rdev = os.stat(self.loop).st_rdev
-        (CGROUP / "blkio.throttle.read_bps_device").write_text(
+        (self.cgroup / "blkio.throttle.read_bps_device").write_text(
             f"{os.major(rdev)}:{os.minor(rdev)} {self.bps}\n")
         return self
 
     def wrap(self, cmd: list[str]) -> list[str]:
-        return ["sh", "-c", f'echo $$ > {CGROUP}/cgroup.procs && exec "$@"', "sh", *cmd]
+        return ["sh", "-c", f'echo $$ > {self.cgroup}/cgroup.procs && exec "$@"', "sh", *cmd]
+
+    def read_bytes(self) -> int:
+        """Bytes the cgroup's processes have read from the cold tier so far."""
+        rdev = os.stat(self.loop).st_rdev
+        dev = f"{os.major(rdev)}:{os.minor(rdev)}"
+        for line in (self.cgroup / "blkio.throttle.io_service_bytes").read_text().splitlines():
+            fields = line.split()
+            if fields[:2] == [dev, "Read"]:
+                return int(fields[2])
+        return 0
 
     def fill(self, src: Path, name: str) -> Path:
         dest = self.mnt / name
@@ -65,11 +79,11 @@ class SlowCold:
         for line in _run("losetup", "-j", str(self.image)).splitlines() if \
                 self.image.exists() else []:
             subprocess.run(["losetup", "-d", line.split(":")[0]], check=False)
-        if CGROUP.exists():
-            for pid in (CGROUP / "cgroup.procs").read_text().split():
+        if self.cgroup.exists():
+            for pid in (self.cgroup / "cgroup.procs").read_text().split():
                 # a process left in the cgroup (an interrupted run): move it out
-                (CGROUP.parent / "cgroup.procs").write_text(pid)
-            CGROUP.rmdir()
+                (BLKIO / "cgroup.procs").write_text(pid)
+            self.cgroup.rmdir()
 
     def __exit__(self, *exc) -> None:
         self.teardown()

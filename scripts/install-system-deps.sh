@@ -12,10 +12,16 @@ command -v gcc >/dev/null || missing+=(gcc)
 python3 -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
   || missing+=(python3-dev)
 python3 -m venv --help >/dev/null 2>&1 || missing+=(python3-venv)
-if [ "${1:-}" = "--test" ]; then  # the dashboard test drives a real headless browser
-  command -v chromium >/dev/null || missing+=(chromium)
-  command -v chromedriver >/dev/null || missing+=(chromium-driver)
-fi
+case "${1:-}" in
+  --test)  # the dashboard test drives a real headless browser
+    command -v chromium >/dev/null || missing+=(chromium)
+    command -v chromedriver >/dev/null || missing+=(chromium-driver)
+    command -v bindfs >/dev/null || missing+=(bindfs) ;;  # the bench suite's peer
+  --bench)  # the benchmark suite's FUSE passthrough peer and its slow cold tier
+    command -v bindfs >/dev/null || missing+=(bindfs)
+    command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
+    command -v losetup >/dev/null || missing+=(mount) ;;
+esac
 
 [ ${#missing[@]} -eq 0 ] && exit 0
 
