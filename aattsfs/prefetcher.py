@@ -7,7 +7,8 @@ never waits for this task. Each event names its stream, (process id,
 process start time), resolved while the request was pending. An open
 teaches the learner; then the forecast for the live streams is made: the
 predictive eviction policy ranks by it, its likely part replaces the
-staging queue, and prefetches in flight that left it are cancelled.
+staging queue, and prefetches in flight that left it are cancelled (at
+most once per PLAN_INTERVAL: the latest open is always planned for).
 
 `jobs` workers take files from the queue and promote them, each holding
 the forecast files expected sooner than it as protected from eviction; the
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 
 MAX_LIVE = 64  # processes whose streams are forecast for at once
 MAX_CACHED = 4096  # entries of each cache: hints, sizes of hinted files, checked headers
+# At most one plan per interval: a loader opening hundreds of small files
+# (one per tensor) would otherwise pay a forecast on every open. The
+# forecast reaches far ahead, so planning a few opens late loses nothing.
+PLAN_INTERVAL = 0.02
 
 
 def _remember(cache: OrderedDict, key, value, limit: int) -> None:
@@ -53,6 +58,8 @@ class Prefetcher:
         self.jobs = jobs
         self._queue: list[tuple[str, ExpectedBy]] = []  # (file, files it must not evict)
         self._wake = trio.Event()
+        self._replan = trio.Event()
+        self._current: Stream | None = None  # the stream of the latest open
         self._live: OrderedDict[Stream, None] = OrderedDict()
         self._hinted: OrderedDict[str, list[str]] = OrderedDict()  # rel -> model files
         self._sizes: OrderedDict[str, int] = OrderedDict()  # of hinted files not opened yet
@@ -69,6 +76,7 @@ class Prefetcher:
         async with trio.open_nursery() as nursery:
             for _ in range(self.jobs):
                 nursery.start_soon(self._worker)
+            nursery.start_soon(self._planner)
             task_status.started()
             async for ev in self.store.events_in:
                 try:
@@ -89,7 +97,18 @@ class Prefetcher:
             _remember(self._hinted, rel, list(files), MAX_CACHED)
         self.learner.observe(stream, rel, files)
         _remember(self._live, stream, None, MAX_LIVE)
-        self._plan(stream)
+        self._current = stream
+        self._replan.set()
+
+    async def _planner(self) -> None:
+        while True:
+            await self._replan.wait()
+            self._replan = trio.Event()
+            try:
+                self._plan(self._current)
+            except Exception:
+                log.exception("prefetch planning failed; going on")
+            await trio.sleep(PLAN_INTERVAL)
 
     def _read_json(self, rel: str) -> dict:
         with os.fdopen(self.store.cold.open(rel), "rb") as f:
@@ -144,9 +163,11 @@ class Prefetcher:
         if not self.enabled:
             return
         rank = ranks(ahead)
-        self._queue = [(ahead[i][0], ExpectedBy(rank, i))
-                       for i in staging(ahead, self._size, budget)]
-        wanted = {rel for rel, _ in self._queue}
+        staged = [(ahead[i][0], ExpectedBy(rank, i)) for i in staging(ahead, self._size, budget)]
+        wanted = {rel for rel, _ in staged}
+        # Only files still to bring in are queued: checking a staged file
+        # again would stat the cold tier, once per file per open.
+        self._queue = [(rel, protect) for rel, protect in staged if store.absent(rel)]
         for rel, prom in self._inflight.items():
             if rel not in wanted and store.entries[rel].prefetched and not prom.cancelled:
                 log.debug("prefetch of %s is stale; cancelled", rel)

@@ -582,6 +582,12 @@ class Store:
         self._nursery.start_soon(prom.fill)
         return prom
 
+    def absent(self, rel: str) -> bool:
+        """Neither in the fast tier nor on its way there, as far as the
+        daemon knows (without looking at the cold tier)."""
+        e = self.entries.get(rel)
+        return e is None or not (e.fast_bytes or _active(e.prom))
+
     def prefetch(self, rel: str, protect: Container[str]) -> Promotion | None:
         """Start promoting rel ahead of any open, evicting neither the files
         in `protect` nor files open right now; None if it is already in the

@@ -23,18 +23,8 @@ from pathlib import Path
 
 from benchenv import WORK
 
+from datasets import many_files
 from harness import cli, update_doc
-
-
-def build(root: Path) -> None:
-    if (root / ".complete").exists():
-        return
-    for d in range(200):
-        sub = root / f"d{d:03d}"
-        sub.mkdir(parents=True, exist_ok=True)
-        for f in range(100):
-            (sub / f"f{f:03d}.txt").write_text(f"{d} {f}\n")
-    (root / ".complete").touch()
 
 
 def ls_time(path: Path) -> float:
@@ -56,8 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
-    cold, mnt = WORK / "many-files", WORK / "ls-mnt"
-    build(cold)
+    cold, mnt = many_files(WORK / "src" / "many-files", 200, 100), WORK / "ls-mnt"
     mnt.mkdir(parents=True, exist_ok=True)
     cli("mount", cold, mnt, "--fast-dir", WORK / "ls-fast", "--state-dir",
             WORK / "ls-state", "--fast-size", "64M")

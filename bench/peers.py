@@ -62,6 +62,11 @@ class Target:
     def pids(self) -> list[int]:
         return []
 
+    def served(self) -> dict[str, int] | None:
+        """Bytes served so far from the cache and from the cold tier, if the
+        target says so itself."""
+        return None
+
     def finish(self) -> None:
         """Undo prepare()."""
 
@@ -246,6 +251,10 @@ class Aattsfs(FuseTarget):
     def settle(self) -> None:
         import harness
         harness.wait_promotions(self.mnt)
+
+    def served(self) -> dict[str, int]:
+        import harness
+        return harness.stats(self.mnt)["bytes_served"]
 
 
 NAMES = ["direct", "tmpfs", "bindfs", "rclone", "juicefs", "aattsfs-lru", "aattsfs"]

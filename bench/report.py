@@ -95,10 +95,10 @@ def rotation_table(rows: list[dict], rotation: dict, order: list[str]) -> list[s
             continue
         xs = times[t]
         p50 = statistics.median(xs)
-        share = rotation["cold_read_share"][t]
         ratio = f"{p50 / base:.2f}x" if base else ""
         lines.append(f"| {t} | {p50:.2f} | {percentile(xs, 0.9):.2f} | {max(xs):.2f} | "
-                     f"{ratio} | {share:.2f} | {max(0.0, 1 - share):.2f} |")
+                     f"{ratio} | {rotation['cold_read_share'][t]:.2f} | "
+                     f"{rotation['hit_ratio'][t]:.2f} |")
     return lines
 
 
@@ -137,8 +137,10 @@ def render(meta: dict, summary: dict, rows: list[dict], images: dict, command: s
                       f"{len(rot['sequence'])} measured: {' '.join(map(str, rot['sequence']))};"
                       f" models of {rot['model_mib']:.0f} MiB. The cold-read share is the "
                       "bytes read from the cold tier during the measured requests and think "
-                      "times (prefetches included) over the bytes requested; hit ratio = 1 "
-                      "minus that.", "", *rotation_table(rows, rot, order)]
+                      "times (prefetches included) over the bytes requested. The hit ratio is "
+                      "the share of the requested bytes served from the cache: aattsfs's own "
+                      "count; for the peers, which fetch only the file being read, 1 minus "
+                      "the cold-read share.", "", *rotation_table(rows, rot, order)]
         else:
             lines += workload_table(workload, phases, order)
         img = images.get(workload)

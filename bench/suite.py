@@ -162,16 +162,20 @@ def pipeline(n: int, length: int, follow: float, seed: int) -> list[int]:
 def rotation(b: Bench, dataset: str, models: int, measured: int) -> dict:
     """Workload 2: one warm-up cycle of the pipeline (aattsfs learns it), then
     the measured requests; the fast tier holds about half of the models.
+
     The cold-read share counts every byte read from the cold tier during the
     measured requests and the think times between them (prefetches included)
-    against the bytes the requests asked for."""
+    against the bytes the requests asked for: the I/O price, alike for all.
+    The hit ratio is the share of the requested bytes served from the cache:
+    aattsfs counts it itself; for the peers, which fetch nothing but the
+    file being read, it is 1 minus the cold-read share."""
     names = [f"model-{i}" for i in range(models)]
     sizes = [sum(f.stat().st_size for f in (b.slow.mnt / dataset / n).iterdir())
              for n in names]
     budget = sum(sizes) // 2
     warmup = pipeline(models, models, 1.0, seed=1)
     sequence = pipeline(models, measured + 1, FOLLOW, seed=14)[1:]
-    shares = {}
+    shares, hits = {}, {}
     for t in b.targets:
         with b.up(t, budget) as root:
             def request(i: int) -> float:
@@ -181,12 +185,19 @@ def rotation(b: Bench, dataset: str, models: int, measured: int) -> dict:
 
             for i in warmup:
                 request(i)
-            before = b.slow.read_bytes()
+            before, served = b.slow.read_bytes(), t.served()
             for k, i in enumerate(sequence):
                 b.timed(2, "request", t.name, k, request, i)
             shares[t.name] = (b.slow.read_bytes() - before) / sum(sizes[i] for i in sequence)
+            if served is None:
+                hits[t.name] = max(0.0, 1 - shares[t.name])
+            else:
+                now = t.served()
+                fast, cold = (now[k] - served[k] for k in ("fast", "cold"))
+                hits[t.name] = fast / (fast + cold)
     return {"budget_mib": budget / MiB, "model_mib": statistics.mean(sizes) / MiB,
-            "warmup": warmup, "sequence": sequence, "cold_read_share": shares}
+            "warmup": warmup, "sequence": sequence, "cold_read_share": shares,
+            "hit_ratio": hits}
 
 
 def metadata(b: Bench, dataset: str, dirs: int, per_dir: int) -> None:
@@ -313,7 +324,7 @@ def main() -> None:
         finally:
             for t in targets:
                 t.finish()
-    write_results(b.rows, meta, args)
+    write_results(b.rows, meta, args, wanted)
 
 
 def versions() -> dict:
@@ -354,11 +365,14 @@ def keep_other_workloads(out: Path, rows: list[dict], meta: dict) -> list[dict]:
     return sorted(kept + rows, key=lambda r: r["workload"])
 
 
-def write_results(rows: list[dict], meta: dict, args) -> None:
+def write_results(rows: list[dict], meta: dict, args, wanted: list[str]) -> None:
     import plots
     import report
 
-    out = REPO / "bench" / "results" / ("quick" if args.quick else "")
+    # Only a run of every target at full scale is a set of figures; others
+    # go aside (git-ignored) and leave the docs alone.
+    partial = args.quick or set(wanted) != set(peers.NAMES)
+    out = REPO / "bench" / "results" / ("quick" if args.quick else "partial" if partial else "")
     out.mkdir(parents=True, exist_ok=True)
     rows = keep_other_workloads(out, rows, meta)
     with open(out / "suite.csv", "w", newline="") as f:
@@ -369,10 +383,11 @@ def write_results(rows: list[dict], meta: dict, args) -> None:
     meta["summary"] = summary
     (out / "suite.json").write_text(json.dumps(meta, indent=2) + "\n")
     images = plots.draw(rows, summary, out / "plots")
-    command = "make bench-quick" if args.quick else "make bench"
+    command = "make bench-quick" if args.quick else \
+        " ".join([".venv/bin/python", *sys.argv]) if partial else "make bench"
     section = report.render(meta, summary, rows, images, command, out)
     (out / "suite.md").write_text(section)
-    if not args.quick:
+    if not partial:
         harness.update_doc(section, "suite")
     print(section)
 

@@ -103,7 +103,8 @@ def test_rotation_table_reports_percentiles_and_hit_ratio():
     measured = rows({("2 rotation", "request", "direct"): [3.0, 2.0, 4.0, 5.0],
                      ("2 rotation", "request", "aattsfs"): [1.0, 1.0, 2.0, 3.0]})
     lines = report.rotation_table(measured, {"cold_read_share": {"direct": 1.02,
-                                                                 "aattsfs": 0.25}},
+                                                                 "aattsfs": 1.25},
+                                             "hit_ratio": {"direct": 0.0, "aattsfs": 0.8}},
                                   ["direct", "aattsfs"])
     assert lines[2] == "| direct | 3.50 | 5.00 | 5.00 | 1.00x | 1.02 | 0.00 |"
-    assert lines[3] == "| aattsfs | 1.50 | 3.00 | 3.00 | 0.43x | 0.25 | 0.75 |"
+    assert lines[3] == "| aattsfs | 1.50 | 3.00 | 3.00 | 0.43x | 1.25 | 0.80 |"
