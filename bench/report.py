@@ -99,6 +99,8 @@ def rotation_table(rows: list[dict], rotation: dict, order: list[str]) -> list[s
         lines.append(f"| {t} | {p50:.2f} | {percentile(xs, 0.9):.2f} | {max(xs):.2f} | "
                      f"{ratio} | {rotation['cold_read_share'][t]:.2f} | "
                      f"{rotation['hit_ratio'][t]:.2f} |")
+    for f in rotation.get("failures", []):
+        lines.append(f"\n{f['target']} failed request {f['rep']}: `{f['error']}`")
     return lines
 
 
@@ -143,6 +145,9 @@ def render(meta: dict, summary: dict, rows: list[dict], images: dict, command: s
                       "the cold-read share.", "", *rotation_table(rows, rot, order)]
         else:
             lines += workload_table(workload, phases, order)
+            for f in meta["runs"][workload].get("failures", []):
+                lines.append(f"\n{f['target']} failed ({f['phase']}, run {f['rep'] + 1}): "
+                             f"`{f['error']}`")
         img = images.get(workload)
         if img:
             rel = os.path.relpath(img, REPO / "docs")

@@ -70,6 +70,7 @@ class Bench:
         self.targets = targets
         self.reps = reps
         self.rows: list[dict] = []
+        self.failures: list[dict] = []  # a peer failing a load is a finding, not a crash
 
     def record(self, workload: int, phase: str, target: str, rep: int, value: float,
                unit: str = "s", cold_bytes: int | None = None) -> None:
@@ -79,13 +80,22 @@ class Bench:
         print(f"  {WORKLOADS[workload]:<14} {phase:<22} {target:<12} {value:9.3f} {unit}",
               flush=True)
 
-    def timed(self, workload: int, phase: str, target: str, rep: int, fn, *args) -> float:
+    def timed(self, workload: int, phase: str, target: str, rep: int, fn, *args,
+              record: bool = True) -> float | None:
         """Run fn(*args) (returning seconds), recording it with the cold-tier
-        bytes read meanwhile."""
+        bytes read meanwhile; a failure is noted and returns None."""
         before = self.slow.read_bytes()
-        seconds = fn(*args)
-        self.record(workload, phase, target, rep, seconds,
-                    cold_bytes=self.slow.read_bytes() - before)
+        try:
+            seconds = fn(*args)
+        except SystemExit as exc:  # harness.run: the command failed
+            print(f"  {WORKLOADS[workload]:<14} {phase:<22} {target:<12} FAILED", flush=True)
+            self.failures.append({"workload": WORKLOADS[workload], "phase": phase,
+                                  "target": target, "rep": rep,
+                                  "error": str(exc).strip().splitlines()[-1][:300]})
+            return None
+        if record:
+            self.record(workload, phase, target, rep, seconds,
+                        cold_bytes=self.slow.read_bytes() - before)
         return seconds
 
     @contextlib.contextmanager
@@ -183,8 +193,8 @@ def rotation(b: Bench, dataset: str, models: int, measured: int) -> dict:
                 drop_caches()
                 return b.load("hf", root / dataset / names[i])
 
-            for i in warmup:
-                request(i)
+            for k, i in enumerate(warmup):
+                b.timed(2, "warm-up", t.name, k, request, i, record=False)
             before, served = b.slow.read_bytes(), t.served()
             for k, i in enumerate(sequence):
                 b.timed(2, "request", t.name, k, request, i)
@@ -320,11 +330,14 @@ def main() -> None:
                 else:
                     throughput(b, names[w], scale["w5"])
                 run["minutes"] = round((time.monotonic() - t0) / 60, 1)
+                run["failures"] = [f for f in b.failures if f["workload"] == WORKLOADS[w]]
                 meta["runs"][WORKLOADS[w]] = run
+                # after each workload: an interrupted suite keeps what it measured
+                write_results([r for r in b.rows if r["workload"] == WORKLOADS[w]],
+                              meta, args, wanted)
         finally:
             for t in targets:
                 t.finish()
-    write_results(b.rows, meta, args, wanted)
 
 
 def versions() -> dict:
@@ -346,8 +359,9 @@ def dataset_info(path: Path) -> dict:
 
 
 def keep_other_workloads(out: Path, rows: list[dict], meta: dict) -> list[dict]:
-    """A run of some workloads replaces only their rows: the others are kept
-    from the previous results if those were taken with the same settings."""
+    """Rows of a workload replace that workload's rows only: the others are
+    kept from the previous results if those were taken with the same
+    settings (a partial run, or the workloads before this one)."""
     try:
         old = json.loads((out / "suite.json").read_text())
         with open(out / "suite.csv", newline="") as f:
@@ -357,11 +371,11 @@ def keep_other_workloads(out: Path, rows: list[dict], meta: dict) -> list[dict]:
     same = ("scale", "reps", "throttle_mbps", "budget_mib", "versions")
     if "runs" not in old or any(old.get(k) != meta[k] for k in same):
         return rows
-    ran = set(meta["runs"])
+    ran = {r["workload"] for r in rows}
     kept = [{**r, "rep": int(r["rep"]), "value": float(r["value"])} for r in old_rows
             if r["workload"] not in ran]
     for key in ("runs", "datasets"):
-        meta[key] = {**{w: v for w, v in old[key].items() if w not in ran}, **meta[key]}
+        meta[key] = {**old[key], **meta[key]}
     return sorted(kept + rows, key=lambda r: r["workload"])
 
 
