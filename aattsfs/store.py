@@ -593,7 +593,7 @@ class Store:
         in `protect` nor files open right now; None if it is already in the
         fast tier or on its way, or cannot be brought in at that price."""
         e, version = self._refresh(rel)
-        if e.fast_bytes or _active(e.prom) or version[0] == 0:
+        if not self.absent(rel) or version[0] == 0:
             return None
         return self._start_promotion(rel, e, version, protect, prefetch=True)
 

@@ -54,7 +54,7 @@ def many_files(dest: Path, dirs: int, per_dir: int) -> Path:
 
 
 def middle_file(root: Path, dirs: int, per_dir: int) -> Path:
-    return root / f"d{dirs // 2:03d}" / f"f{0:03d}.txt"
+    return root / f"d{dirs // 2:03d}" / "f000.txt"
 
 
 def blob(dest: Path, size: int) -> Path:

@@ -51,10 +51,11 @@ SCALES = {
     # w1: layers, width, shard size; w2: models, layers, width, shard, measured
     # requests; w3: layers, width; w4: dirs, files per dir; w5: blob bytes
     "full": dict(reps=3, w1=(16, 1024, "220MB"), w2=(6, 4, 768, "100MB", 12), w3=(16, 768),
-                 w4=(200, 100), w5=GiB, image_mb=14 * 1024),
+                 w4=(200, 100), w5=GiB),
     "quick": dict(reps=1, w1=(4, 768, "60MB"), w2=(3, 2, 512, "40MB", 3), w3=(4, 512),
-                  w4=(20, 100), w5=256 * MiB, image_mb=14 * 1024),
+                  w4=(20, 100), w5=256 * MiB),
 }
+IMAGE_MB = 14 * 1024  # the cold tier's image: both scales' data, and JuiceFS's copy of it
 BUDGET = 2 * GiB  # every cached target's cache, except in workload 2
 THINK = 1.0  # seconds between two requests of workload 2
 FOLLOW = 0.9  # workload 2: how often a model's successor is the next request
@@ -309,7 +310,7 @@ def main() -> None:
     meta = {"host": f"{os.cpu_count()} cores, {platform.release()}", "scale": scale_name,
             "scale_args": scale, "reps": reps, "throttle_mbps": args.throttle,
             "budget_mib": BUDGET / MiB, "versions": versions(), "datasets": {}, "runs": {}}
-    with SlowCold(WORK, size_mb=scale["image_mb"], read_mbps=args.throttle) as slow:
+    with SlowCold(WORK, size_mb=IMAGE_MB, read_mbps=args.throttle) as slow:
         for w, p in sources.items():
             meta["datasets"][WORKLOADS[w]] = dataset_info(slow.fill(p, names[w]))
         targets = [t for t in peers.all_targets(slow.mnt, slow.wrap) if t.name in wanted]
