@@ -17,6 +17,7 @@ time and peak RSS can be read, and teardown knows exactly what to end. Each
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -148,6 +149,8 @@ class FuseTarget(Target):
                 self.proc.wait()
             self.proc = None
         shutil.rmtree(self.cache, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the last peer cache gone: leave no trace
+            CACHE_ROOT.rmdir()
 
     def pids(self) -> list[int]:
         """The daemon and its children (JuiceFS serves from a child of the

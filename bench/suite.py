@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import random
-import shutil
 import statistics
 import subprocess
 import sys
@@ -410,4 +409,3 @@ def write_results(rows: list[dict], meta: dict, args, wanted: list[str]) -> None
 if __name__ == "__main__":
     with contextlib.suppress(KeyboardInterrupt):
         main()
-    shutil.rmtree(peers.CACHE_ROOT, ignore_errors=True)
