@@ -20,7 +20,7 @@ from .errors import UserError
 from .policy import POLICIES
 from .predict import PREDICTORS
 from .tracegen import PATTERNS, write_trace
-from .units import format_size, parse_size
+from .units import SIZE_HELP, format_size, parse_size
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 
@@ -29,8 +29,6 @@ class SizeType(click.ParamType):
     name = "size"
 
     def convert(self, value, param, ctx):
-        if isinstance(value, int):
-            return value
         try:
             return parse_size(value)
         except UserError as exc:
@@ -56,7 +54,7 @@ def cli():
               "command line override it. See docs/operations.md.")
 @click.option("--fast-dir", help="Directory of the fast tier [default: /dev/shm/aattsfs/<mount>].")
 @click.option("--fast-size", type=SizeType(), default="4G", show_default=True,
-              help="Byte budget of the fast tier, e.g. 512M, 2G.")
+              help=f"Byte budget of the fast tier, e.g. 512M, 2G; units {SIZE_HELP}.")
 @click.option("--state-dir", help="Where the metadata (LMDB) and the log live "
               "[default: /var/lib/aattsfs/<mount> for root].")
 @click.option("--policy", type=click.Choice(sorted(POLICIES)), default="lru",
@@ -83,7 +81,8 @@ def cli():
 @click.option("--allow-other", is_flag=True, help="Let other users access the mount.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground "
               "(for systemd and debugging); log to stderr.")
-@click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True,
+@click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False),
+              default="info", show_default=True,
               help="Least severe messages logged; debug logs every FUSE request.")
 @click.option("--debug", is_flag=True, help="Same as --log-level debug.")
 def mount(config_file, foreground, debug, **opts):
@@ -138,13 +137,38 @@ def _read_config(ctx: click.Context, path: str) -> dict:
             raise UserError(f"{where}: unknown key '{key}'; the keys are "
                             f"{', '.join(sorted(params))}")
         param = params[key]
-        try:
-            if isinstance(value, (dict, list)):
-                raise click.BadParameter(f"expected a single value, not {type(value).__name__}")
+        types, expected = _toml_kind(param)
+        # TOML has real types: a flag is true or false, a count an integer;
+        # nothing is coerced (1 is not true, 2.7 not 2, "2" not 2)
+        if not isinstance(value, types) or isinstance(value, bool) != (bool in types):
+            raise UserError(f"{where}: bad value for '{key}': expected {expected}, "
+                            f"not {_toml_repr(value)}")
+        try:  # then ranges, choices and sizes, as on the command line
             out[key] = param.type.convert(value, param, ctx)
         except click.BadParameter as exc:
             raise UserError(f"{where}: bad value for '{key}': {exc.message}") from None
     return out
+
+
+def _toml_kind(param: click.Parameter) -> tuple[tuple[type, ...], str]:
+    """The TOML types a setting accepts, and how to say so."""
+    if isinstance(param.type, SizeType):
+        return (str, int), 'a size: a string such as "16G" or a positive integer of bytes'
+    if isinstance(param.type, click.types.BoolParamType):
+        return (bool,), "true or false"
+    if isinstance(param.type, click.types.IntParamType):
+        return (int,), "an integer"
+    return (str,), "a string (in quotes)"
+
+
+def _toml_repr(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, dict)):
+        return "an array" if isinstance(value, list) else "a table"
+    return str(value)  # numbers, dates
 
 
 @cli.command()
@@ -215,42 +239,78 @@ def status(mountpoint, as_json):
     """Show tiers, budget use and hit ratios of a live mount."""
     raw = _control_file(mountpoint, "stats")
     if as_json:
-        click.echo(raw.decode(), nl=False)
+        click.echo(raw.decode(errors="replace"), nl=False)
         return
-    s = json.loads(raw)
-    ft, pf = s["fast_tier"], s["prefetch"]
-    opens = s["opens"]["fast"] + s["opens"]["cold"]
-    reads = s["reads"]["fast"] + s["reads"]["cold"]
+    try:
+        s = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise UserError(f"{mountpoint}/{CONTROL_NAME}/stats is not JSON; is the daemon of "
+                        "another version? (aattsfs status --json shows it raw)") from None
+
+    # Every number may be missing (a daemon of another version): it prints
+    # as '?', and a ratio of a missing or zero whole as '-'; never a crash.
+    def num(*keys):
+        v = s
+        for key in keys:
+            v = v.get(key) if isinstance(v, dict) else None
+        return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    def text(v):
+        return "?" if v is None else f"{v:.0f}"
+
+    def count(*keys):
+        return text(num(*keys))
+
+    def size(*keys):
+        v = num(*keys)
+        return "?" if v is None else format_size(v)
+
+    def both(key):  # fast + cold
+        fast, cold = num(key, "fast"), num(key, "cold")
+        return None if fast is None or cold is None else fast + cold
+
+    used, budget = num("fast_tier", "used_bytes"), num("fast_tier", "budget_bytes")
+    use = f"{100 * used / budget:.0f}%" if used is not None and budget else "-"
+    fast_opens, opens = num("opens", "fast"), both("opens")
+    hit = f"{fast_opens / opens:.2f}" if fast_opens is not None and opens else "-"
+    ft = s.get("fast_tier") if isinstance(s, dict) else None
+    policy = ft.get("policy") if isinstance(ft, dict) else None
     rows = [
-        ("fast tier", f"{format_size(ft['used_bytes'])} of {format_size(ft['budget_bytes'])} "
-                      f"({100 * ft['used_bytes'] / ft['budget_bytes']:.0f}%), {ft['files']} files, "
-                      f"{ft['pinned_files']} pinned, policy {ft['policy']}"),
-        ("opens", f"{opens} ({s['opens']['fast']} fast, {s['opens']['cold']} cold; "
-                  f"hit ratio {s['opens']['fast'] / opens if opens else 0:.2f})"),
-        ("reads", f"{reads} ({s['reads']['fast']} fast, {s['reads']['cold']} cold)"),
-        ("bytes served", f"{format_size(s['bytes_served']['fast'])} fast, "
-                         f"{format_size(s['bytes_served']['cold'])} cold"),
-        ("cold bytes read", format_size(s["cold_bytes_read"])),
-        ("prefetched", f"{pf['prefetches']} files ({format_size(pf['prefetched_bytes'])}): "
-                       f"{format_size(pf['used_bytes'])} used, "
-                       f"{format_size(pf['wasted_bytes'])} wasted, {pf['cancelled']} cancelled"),
-        ("demand misses", f"{pf['demand_misses']} ({format_size(pf['demand_miss_bytes'])})"),
-        ("promotions", f"{s['promotions']} ({format_size(s['promoted_bytes'])}), "
-                       f"{s['promotions_in_flight']} in flight, {s['promotions_failed']} failed, "
-                       f"{s['promotions_cancelled']} cancelled"),
-        ("evictions", f"{s['evictions']} ({format_size(s['evicted_bytes'])}), "
-                      f"{s['invalidations']} invalidated"),
-        ("uptime", f"{s['uptime_seconds']:.0f} s"),
+        ("fast tier", f"{size('fast_tier', 'used_bytes')} of {size('fast_tier', 'budget_bytes')} "
+                      f"({use}), {count('fast_tier', 'files')} files, "
+                      f"{count('fast_tier', 'pinned_files')} pinned, policy {policy or '?'}"),
+        ("opens", f"{text(opens)} ({count('opens', 'fast')} fast, {count('opens', 'cold')} cold; "
+                  f"hit ratio {hit})"),
+        ("reads", f"{text(both('reads'))} ({count('reads', 'fast')} fast, "
+                  f"{count('reads', 'cold')} cold)"),
+        ("bytes served", f"{size('bytes_served', 'fast')} fast, "
+                         f"{size('bytes_served', 'cold')} cold"),
+        ("cold bytes read", size("cold_bytes_read")),
+        ("prefetched", f"{count('prefetch', 'prefetches')} files "
+                       f"({size('prefetch', 'prefetched_bytes')}): "
+                       f"{size('prefetch', 'used_bytes')} used, "
+                       f"{size('prefetch', 'wasted_bytes')} wasted, "
+                       f"{count('prefetch', 'cancelled')} cancelled"),
+        ("demand misses", f"{count('prefetch', 'demand_misses')} "
+                          f"({size('prefetch', 'demand_miss_bytes')})"),
+        ("promotions", f"{count('promotions')} ({size('promoted_bytes')}), "
+                       f"{count('promotions_in_flight')} in flight, "
+                       f"{count('promotions_failed')} failed, "
+                       f"{count('promotions_cancelled')} cancelled"),
+        ("evictions", f"{count('evictions')} ({size('evicted_bytes')}), "
+                      f"{count('invalidations')} invalidated"),
+        ("uptime", f"{count('uptime_seconds')} s"),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         click.echo(f"{key:<{width}}  {value}")
-    tiers = _control_file(mountpoint, "tiers").decode().splitlines()[1:]
+    tiers = [line.split("\t", 5) for line in
+             _control_file(mountpoint, "tiers").decode(errors="replace").splitlines()[1:]]
+    tiers = [t for t in tiers if len(t) == 6 and t[1].isdigit()]  # skip what is not a row
     if tiers:
         click.echo(f"\n{'tier':<10} {'size':>10} {'hits':>6} {'pin':>3}  path")
-        for line in tiers:
-            tier, size, hits, _misses, pinned, path = line.split("\t", 5)
-            click.echo(f"{tier:<10} {format_size(int(size)):>10} {hits:>6} "
+        for tier, nbytes, hits, _misses, pinned, path in tiers:
+            click.echo(f"{tier:<10} {format_size(int(nbytes)):>10} {hits:>6} "
                        f"{'yes' if pinned == '1' else '':>3}  {path}")
 
 
@@ -335,7 +395,8 @@ def trace_generate(pattern, seed):
 
 @cli.command()
 @click.argument("trace_file", type=click.File("r"), metavar="TRACE")
-@click.option("--budget", type=SizeType(), required=True, help="Fast-tier budget, e.g. 2G.")
+@click.option("--budget", type=SizeType(), required=True,
+              help=f"Fast-tier budget, e.g. 2G; units {SIZE_HELP}.")
 @click.option("--policy", "policies", type=click.Choice(sorted(POLICIES)), multiple=True,
               help="Policy to replay (repeatable) [default: all].")
 @click.option("--predictor", type=click.Choice(sorted(PREDICTORS)), default="markov",
@@ -395,12 +456,20 @@ def sim(trace_file, budget, policies, predictor, prefetch, as_json):
 
 def main():
     try:
-        cli.main(standalone_mode=False)
+        cli.main(prog_name="aattsfs", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aattsfs: aborted", err=True)
         sys.exit(130)
-    except click.ClickException as exc:
+    except click.exceptions.NoArgsIsHelpError as exc:  # a bare group: its help
         exc.show()
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        # click's own errors (a bad option value, a missing argument) in the
+        # one-line form of every other mistake, instead of a usage block
+        message = exc.format_message().rstrip(".")
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            message += f"; see '{exc.ctx.command_path} --help'"
+        click.echo(f"aattsfs: error: {message[:1].lower()}{message[1:]}", err=True)
         sys.exit(exc.exit_code)
     except UserError as exc:
         click.echo(f"aattsfs: error: {exc}", err=True)

@@ -1,6 +1,7 @@
 """Every user mistake: one clear line, a non-zero exit, no traceback, and the
 cold directory untouched."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -121,3 +122,130 @@ def test_cold_dir_untouched_by_all_of_the_above(dirs):
     mount(dirs, None, dirs["cold"] / "nested")
     assert manifest(dirs["cold"]) == before
     assert os.listdir(dirs["mnt"]) == []
+
+
+# -- option values: one line, exit 2, the same on the command line and in a config
+
+BAD_SIZES = [("inf", "not a size"), ("nan", "not a size"), ("1e400", "not a size"),
+             ("0", "larger than 0"), ("-5", "larger than 0"), ("-1G", "larger than 0"),
+             ("1" + "0" * 30, "too large")]
+
+
+@pytest.fixture
+def loop_trace(tmp_path):
+    path = tmp_path / "loop.jsonl"
+    path.write_text(run_cli("trace", "generate", "loop").stdout)
+    return path
+
+
+@pytest.mark.parametrize("size,needle", BAD_SIZES)
+def test_bad_sizes_on_the_command_line(tmp_path, loop_trace, size, needle):
+    for option in ("--fast-size", "--read-ahead", "--prefetch-bandwidth"):
+        proc = run_cli("mount", tmp_path, tmp_path / "mnt", f"{option}={size}", check=False)
+        assert_one_line_error(proc, option, needle)
+        assert proc.returncode == 2
+    proc = run_cli("sim", loop_trace, f"--budget={size}", check=False)
+    assert_one_line_error(proc, "--budget", needle)
+    assert proc.returncode == 2
+
+
+def test_binary_units_however_spelled(loop_trace):
+    """G, Gi, GiB and GB are all 2**30: the same simulation, whatever the spelling."""
+    outs = {spelling: run_cli("sim", loop_trace, "--budget", spelling, "--json").stdout
+            for spelling in ("80M", "80Mi", "80MiB", "80MB", "80 mib", str(80 << 20))}
+    assert len(set(outs.values())) == 1, outs
+    assert "binary" in run_cli("mount", "--help").stdout
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["mount", "--policy", "mru"], ["--policy", "'mru'"]),
+    (["mount", "--prefetch-jobs", "99"], ["--prefetch-jobs", "99"]),
+    (["mount", "--log-level", "loud"], ["--log-level", "'loud'"]),
+    (["mount", "--bogus"], ["--bogus"]),
+    (["sim", "--budget", "1G"], ["TRACE"]),
+    (["sim", "/nonexistent/trace", "--budget", "1G"], ["/nonexistent/trace"]),
+    (["frobnicate"], ["frobnicate"]),
+])
+def test_every_bad_option_value_is_one_line(args, needles):
+    proc = run_cli(*args, check=False)
+    assert_one_line_error(proc, *needles)
+    assert proc.returncode == 2
+
+
+def test_log_level_in_any_case(tmp_path):
+    """Accepted: the start gets as far as the missing mountpoint."""
+    proc = run_cli("mount", tmp_path, tmp_path / "nope", "--log-level", "WARNING", check=False)
+    assert_one_line_error(proc, "mountpoint", "does not exist")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('log_level = "Debug"\nfast_size = "16Gi"\nread_ahead = 1048576\n')
+    proc = run_cli("mount", tmp_path, tmp_path / "nope", "--config", cfg, check=False)
+    assert_one_line_error(proc, "mountpoint", "does not exist")
+
+
+BOOL, INT, SIZE, STR = ("expected true or false", "expected an integer",
+                        "expected a size", "expected a string")
+
+
+@pytest.mark.parametrize("line,key,needle", [
+    ("fast_size = 0", "fast_size", "larger than 0"),
+    ("fast_size = -5", "fast_size", "larger than 0"),
+    ("fast_size = true", "fast_size", SIZE),
+    ("fast_size = 1.5", "fast_size", SIZE),
+    ("fast_size = nan", "fast_size", SIZE),
+    ('fast_size = "inf"', "fast_size", "not a size"),
+    ('fast_size = "1e400"', "fast_size", "not a size"),
+    ("fast_size = 1_000_000_000_000_000_000_000", "fast_size", "too large"),
+    ("read_ahead = -1", "read_ahead", "larger than 0"),
+    ('prefetch_bandwidth = "0"', "prefetch_bandwidth", "larger than 0"),
+    ("prefetch_jobs = 2.7", "prefetch_jobs", INT),
+    ("prefetch_jobs = true", "prefetch_jobs", INT),
+    ('prefetch_jobs = "2"', "prefetch_jobs", INT),
+    ("prefetch_jobs = 0", "prefetch_jobs", "1<=x<=16"),
+    ("allow_other = 1", "allow_other", BOOL),
+    ('allow_other = "yes"', "allow_other", BOOL),
+    ('prefetch = "no"', "prefetch", BOOL),
+    ("push_page_cache = 0", "push_page_cache", BOOL),
+    ("metrics_allow_remote = 1.0", "metrics_allow_remote", BOOL),
+    ("cold_dir = 5", "cold_dir", STR),
+    ("metrics_address = 9464", "metrics_address", STR),
+    ("policy = 3", "policy", STR),
+    ('policy = "mru"', "policy", "'mru'"),
+    ("log_level = false", "log_level", STR),
+    ("fast_size = [1]", "fast_size", "not an array"),
+])
+def test_config_values_are_checked(tmp_path, line, key, needle):
+    cfg = tmp_path / "models.toml"
+    cfg.write_text(f"# a mount\n\n{line}\n")
+    proc = run_cli("mount", tmp_path, tmp_path / "mnt", "--config", cfg, check=False)
+    assert_one_line_error(proc, f"{cfg}:3:", f"'{key}'", needle)
+    assert proc.returncode == 2
+
+
+# -- status: whatever the stats say, it prints
+
+
+@pytest.mark.parametrize("stats", [
+    {"fast_tier": {"used_bytes": 0, "budget_bytes": 0, "files": 0, "pinned_files": 0,
+                   "policy": "lru"}},
+    {},
+    {"fast_tier": None, "opens": {"fast": "x"}, "uptime_seconds": None},
+])
+def test_status_prints_odd_stats(tmp_path, stats):
+    """Stats of another daemon version (keys missing) or an odd budget are
+    printed with '?' where a number is missing; never a division by zero.
+    Such stats cannot come from this daemon, so they are files in a plain
+    directory laid out as a mount's control surface."""
+    (tmp_path / ".aatts").mkdir()
+    (tmp_path / ".aatts" / "stats").write_text(json.dumps(stats))
+    (tmp_path / ".aatts" / "tiers").write_text("tier\tsize\thits\tmisses\tpinned\tpath\n"
+                                               "fast\t5\t1\t0\t0\ta.bin\nbroken line\n")
+    proc = run_cli("status", tmp_path, check=False)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert "fast tier" in proc.stdout and "a.bin" in proc.stdout
+
+
+def test_status_of_garbled_stats(tmp_path):
+    (tmp_path / ".aatts").mkdir()
+    (tmp_path / ".aatts" / "stats").write_text("{not json")
+    assert_one_line_error(run_cli("status", tmp_path, check=False), "not JSON")
+
