@@ -394,7 +394,7 @@ def trace_generate(pattern, seed):
 
 
 @cli.command()
-@click.argument("trace_file", type=click.File("r"), metavar="TRACE")
+@click.argument("trace_file", type=click.File("rb"), metavar="TRACE")
 @click.option("--budget", type=SizeType(), required=True,
               help=f"Fast-tier budget, e.g. 2G; units {SIZE_HELP}.")
 @click.option("--policy", "policies", type=click.Choice(sorted(POLICIES)), multiple=True,
@@ -417,6 +417,9 @@ def sim(trace_file, budget, policies, predictor, prefetch, as_json):
         raise UserError(f"{trace_file.name}: {exc}") from None
     if not requests:
         raise UserError(f"{trace_file.name} holds no open events")
+    if not any(r.size for r in requests):  # no byte to cache: every ratio is 0/0
+        raise UserError(f"{trace_file.name}: every open in it has size 0; there is nothing "
+                        "to simulate")
     rows = {}
     for name in policies or sorted(POLICIES):
         chosen = prefetch or (predictor if name == "predictive" else None)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import math
 from dataclasses import dataclass
 from typing import Container, Hashable, Iterable
 
@@ -67,21 +68,66 @@ class Result:
         return self.prefetch_used_bytes / missed if missed else 0.0
 
 
-def read_trace(lines: Iterable[str]) -> list[Request]:
-    """Opens from a JSON-lines trace; other events and blank lines are skipped.
-    Raises ValueError naming the line that is not a valid event."""
+MAX_SIZE = 1 << 62  # a file size past any disk: a corrupt trace, not a workload
+
+
+def read_trace(lines: Iterable[str | bytes]) -> list[Request]:
+    """Opens from a JSON-lines trace (text or bytes lines); other events and
+    blank lines are skipped. Raises ValueError naming the first line that is
+    not a valid event, and what is wrong with it."""
     out = []
     for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
         try:
-            ev = json.loads(line)
-            if ev.get("op", "open") == "open":
-                stream = (ev["pid"], ev.get("start")) if "pid" in ev else None
-                out.append(Request(str(ev["path"]), int(ev["size"]), stream))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"line {n} is not a trace event ({exc})") from None
+            request = _request(line)
+        except ValueError as exc:
+            raise ValueError(f"line {n} is not a trace event: {exc}") from None
+        if request is not None:
+            out.append(request)
     return out
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _request(line: str | bytes) -> Request | None:
+    """The open one trace line records, None for another event; checks every
+    field it uses, so that no odd value reaches the replay as a crash."""
+    if isinstance(line, bytes):
+        try:
+            line = line.decode()
+        except UnicodeDecodeError:
+            raise ValueError("not UTF-8 text") from None
+    if not line.strip():
+        return None
+    try:
+        ev = json.loads(line)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    except ValueError as exc:
+        raise ValueError(f"not JSON ({exc})") from None
+    if not isinstance(ev, dict):
+        raise ValueError(f"not a JSON object but {json.dumps(ev)[:40]}")
+    op = ev.get("op", "open")
+    if not isinstance(op, str):
+        raise ValueError('"op" is not a string')
+    if op != "open":
+        return None
+    path, size = ev.get("path"), ev.get("size")
+    if not isinstance(path, str) or not path:
+        raise ValueError('an open needs "path", a non-empty string')
+    if not (_is_int(size) and 0 <= size <= MAX_SIZE):
+        raise ValueError(f'an open needs "size", an integer of bytes from 0 to 2**62, '
+                         f'not {json.dumps(size)[:40]}')
+    if "pid" not in ev:
+        return Request(path, size)
+    pid, start = ev["pid"], ev.get("start")  # the stream: (pid, process start time)
+    if not _is_int(pid):
+        raise ValueError(f'"pid" is not an integer but {json.dumps(pid)[:40]}')
+    if start is not None and not (isinstance(start, (int, float)) and not
+                                  isinstance(start, bool) and math.isfinite(start)):
+        raise ValueError(f'"start" is not a number or null but {json.dumps(start)[:40]}')
+    return Request(path, size, (pid, start))
 
 
 def simulate(trace: list[Request], budget: int, policy: EvictionPolicy,

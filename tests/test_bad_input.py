@@ -249,3 +249,39 @@ def test_status_of_garbled_stats(tmp_path):
     (tmp_path / ".aatts" / "stats").write_text("{not json")
     assert_one_line_error(run_cli("status", tmp_path, check=False), "not JSON")
 
+
+# -- sim: a bad trace is one line naming the line
+
+
+@pytest.mark.parametrize("text,needles", [
+    ('{"path": "a", "size": -5}\n', ["line 1", "size"]),
+    ('{"path": "a", "size": 1}\n{"path": "b", "size": %d}\n' % (2 ** 62 + 1), ["line 2", "size"]),
+    ('{"path": "a", "size": 1.5}\n', ["line 1", "size"]),
+    ('{"path": "a", "size": true}\n', ["line 1", "size"]),
+    ('{"path": "a", "size": "5"}\n', ["line 1", "size"]),
+    ('{"path": "a", "size": Infinity}\n', ["line 1", "size"]),
+    ('{"path": "a", "size": 0}\n{"path": "b", "size": 0}\n', ["size 0"]),
+    ('{"path": "a", "size": 1, "pid": [1]}\n', ["line 1", "pid"]),
+    ('{"path": "a", "size": 1, "pid": {"x": 1}}\n', ["line 1", "pid"]),
+    ('{"path": "a", "size": 1, "pid": 1, "start": [2]}\n', ["line 1", "start"]),
+    ('{"path": "a", "size": 1}\n' + "[" * 100000 + "]" * 100000 + "\n", ["line 2", "nested"]),
+    ("[1, 2]\n", ["line 1", "not a JSON object"]),
+    ('"open"\n', ["line 1", "not a JSON object"]),
+    ('{"size": 1}\n', ["line 1", "path"]),
+    ('{"path": 5, "size": 1}\n', ["line 1", "path"]),
+    ('{"path": "a"}\n', ["line 1", "size"]),
+    ("\n{oops\n", ["line 2", "not JSON"]),
+])
+def test_bad_traces(tmp_path, text, needles):
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(text)
+    proc = run_cli("sim", trace, "--budget", "1G", check=False)
+    assert_one_line_error(proc, *needles)
+    assert proc.returncode == 2
+
+
+def test_trace_not_utf8(tmp_path):
+    trace = tmp_path / "t.jsonl"
+    trace.write_bytes(b'{"path": "a", "size": 1}\n\xff\xfe\n')
+    assert_one_line_error(run_cli("sim", trace, "--budget", "1G", check=False), "line 2",
+                          "UTF-8")
