@@ -18,7 +18,11 @@ from .store import Store
 CONTROL_NAME = ".aatts"
 CONTROL_DIR_INO = 2
 # name -> inode number; numbers stay below namespace.FIRST_DYNAMIC
-CONTROL_FILES = {"stats": 3, "tiers": 4, "trace": 5}
+CONTROL_FILES = {"stats": 3, "tiers": 4, "trace": 5, "verify": 6}
+# Counts are for everyone; file names and pids only for the mount's owner
+# (they name files that other users may not be allowed to see), and
+# `verify` hashes the whole fast tier.
+CONTROL_MODES = {3: 0o444, 4: 0o400, 5: 0o400, 6: 0o400}
 CONTROL_NAMES = {ino: name for name, ino in CONTROL_FILES.items()}
 CONTROL_INOS = {CONTROL_DIR_INO, *CONTROL_NAMES}
 

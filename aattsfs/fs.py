@@ -6,8 +6,10 @@ FUSEError can escape it (anything else would end pyfuse3's main loop).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
+import json
 import itertools
 import logging
 import os
@@ -20,7 +22,19 @@ from pyfuse3 import FUSEError
 
 from . import control
 from .namespace import ROOT, Namespace
-from .store import Store
+from .store import Store, _in_thread
+from .tiers import SharedFd
+
+READDIR_BATCH = 256  # entries lstat'ed per worker-thread call
+
+
+@dataclasses.dataclass
+class _Dir:
+    """An open directory: its names at opendir, attributes as far as read."""
+    rel: str
+    fd: SharedFd | None
+    names: list[bytes]
+    attrs: list = dataclasses.field(default_factory=list)
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +66,13 @@ class Operations(pyfuse3.Operations):
         self.ns = Namespace()
         self.timeout = timeout
         self._fh = itertools.count(1)
-        self._dirs: dict[int, list[tuple[bytes, int | str]]] = {}
+        self._dirs: dict[int, _Dir] = {}
         self._files: dict[int, object] = {}  # fh -> store Handle, or bytes (control)
-        self._versions: dict[int, tuple[int, int]] = {}  # ino -> version at last open
+        self._versions: dict[int, tuple[int, int, int]] = {}  # ino -> version at last open
         self._owner = (os.getuid(), os.getgid())
         self._started_ns = time.time_ns()
         self._warned_ro = False
-        if os.path.lexists(self.cold.path(control.CONTROL_NAME)):
+        if self.cold.exists(control.CONTROL_NAME):
             log.warning("the cold directory has an entry named %s; it is hidden by the "
                         "control directory of the same name", control.CONTROL_NAME)
 
@@ -78,20 +92,16 @@ class Operations(pyfuse3.Operations):
         a.st_ino = ino
         a.entry_timeout = a.attr_timeout = self.timeout
         is_dir = ino == control.CONTROL_DIR_INO
-        a.st_mode = (stat.S_IFDIR | 0o555) if is_dir else (stat.S_IFREG | 0o444)
+        a.st_mode = (stat.S_IFDIR | 0o555) if is_dir else \
+            (stat.S_IFREG | control.CONTROL_MODES.get(ino, 0o400))
         a.st_nlink = 2 if is_dir else 1
         a.st_uid, a.st_gid = self._owner
         a.st_blksize = 4096
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self._started_ns
         return a
 
-    def _visible_stat(self, rel: str) -> os.stat_result:
-        """lstat rel, hiding links that lead out of the cold directory."""
-        st = self.cold.lstat(rel)
-        if stat.S_ISLNK(st.st_mode) and self.cold.readlink(rel) is None:
-            log.debug("hiding %s: its link target is outside the cold directory", rel)
-            raise FUSEError(errno.ENOENT)
-        return st
+    async def _cold(self, fn, *args):
+        return await self.store.cold_call(fn, *args)
 
     @staticmethod
     def _join(parent: str, name: bytes) -> str:
@@ -112,7 +122,7 @@ class Operations(pyfuse3.Operations):
         if name in (b".", b".."):
             raise FUSEError(errno.ENOENT)  # the kernel resolves these itself
         rel = self._join(self.ns.path(parent_inode), name)
-        st = self._visible_stat(rel)
+        st = await self._cold(self.cold.visible_lstat, rel)
         return self._attr(self.ns.lookup(rel), st)
 
     @_handler
@@ -127,57 +137,64 @@ class Operations(pyfuse3.Operations):
     async def getattr(self, inode, ctx=None):
         if inode in control.CONTROL_INOS:
             return self._control_attr(inode)
-        return self._attr(inode, self.cold.lstat(self.ns.path(inode)))
+        return self._attr(inode, await self._cold(self.cold.lstat, self.ns.path(inode)))
 
     @_handler
     async def readlink(self, inode, ctx):
-        target = self.cold.readlink(self.ns.path(inode))
+        target = await self._cold(self.cold.readlink, self.ns.path(inode))
         if target is None:
             raise FUSEError(errno.ENOENT)
         return os.fsencode(target)
 
     @_handler
     async def opendir(self, inode, ctx):
-        if inode == control.CONTROL_DIR_INO:
-            entries = [(n.encode(), ino) for n, ino in control.CONTROL_FILES.items()]
-        else:
-            rel = self.ns.path(inode)
-            entries = [(os.fsencode(n), self._join(rel, os.fsencode(n)))
-                       for n in self.cold.listdir(rel)]
-            if inode == ROOT:
-                entries = [e for e in entries if e[0] != control.CONTROL_NAME.encode()]
-                entries.insert(0, (control.CONTROL_NAME.encode(), control.CONTROL_DIR_INO))
         fh = next(self._fh)
-        self._dirs[fh] = entries  # a snapshot: offsets stay valid for this handle
+        if inode == control.CONTROL_DIR_INO:
+            self._dirs[fh] = _Dir("", None, [n.encode() for n in control.CONTROL_FILES],
+                                  [self._control_attr(ino) for ino in control.CONTROL_FILES.values()])
+            return fh
+        rel = self.ns.path(inode)
+        fd, names = await self._cold(self.cold.opendir, rel)
+        d = _Dir(rel, SharedFd(fd), [os.fsencode(n) for n in names])
+        if inode == ROOT:
+            d.names = [n for n in d.names if n != control.CONTROL_NAME.encode()]
+            d.names.insert(0, control.CONTROL_NAME.encode())
+            d.attrs.append(self._control_attr(control.CONTROL_DIR_INO))
+        self._dirs[fh] = d  # a snapshot: offsets stay valid for this handle
         return fh
 
     @_handler
     async def readdir(self, fh, start_id, token):
-        entries = self._dirs[fh]
-        for i in range(start_id, len(entries)):
-            name, target = entries[i]
-            if isinstance(target, int):
-                if not pyfuse3.readdir_reply(token, name, self._control_attr(target), i + 1):
+        d = self._dirs[fh]
+        for i in range(start_id, len(d.names)):
+            if i >= len(d.attrs):  # lstat the next batch, off the trio thread
+                batch = [os.fsdecode(n) for n in d.names[i:i + READDIR_BATCH]]
+                d.attrs += await self._cold(_in_thread(self.cold.stat_entries, d.rel, batch,
+                                                       fds=(d.fd,)))
+            name, attr = d.names[i], d.attrs[i]
+            if attr is None:
+                continue  # vanished since opendir, or hidden
+            if isinstance(attr, pyfuse3.EntryAttributes):  # the control directory
+                if not pyfuse3.readdir_reply(token, name, attr, i + 1):
                     return
                 continue
-            try:
-                st = self._visible_stat(target)
-            except (OSError, FUSEError):
-                continue  # vanished since opendir, or hidden
-            ino = self.ns.ino(target)
-            if pyfuse3.readdir_reply(token, name, self._attr(ino, st), i + 1):
-                self.ns.lookup(target)
+            rel = self._join(d.rel, name)
+            ino = self.ns.ino(rel)
+            if pyfuse3.readdir_reply(token, name, self._attr(ino, attr), i + 1):
+                self.ns.lookup(rel)
             else:
                 self.ns.forget(ino, 0)  # drop it again unless the kernel knows it
                 return
 
     @_handler
     async def releasedir(self, fh):
-        del self._dirs[fh]
+        d = self._dirs.pop(fh)
+        if d.fd is not None:
+            d.fd.close()
 
     @_handler
     async def statfs(self, ctx):
-        sv = os.statvfs(self.cold.root)
+        sv = await self._cold(self.cold.statvfs)
         out = pyfuse3.StatvfsData()
         for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
                      "f_ffree", "f_favail", "f_namemax"):
@@ -192,9 +209,14 @@ class Operations(pyfuse3.Operations):
             self._read_only("open for writing")
         fh = next(self._fh)
         if inode in control.CONTROL_INOS:
-            self._files[fh] = control.render(self.store, control.CONTROL_NAMES[inode])
+            name = control.CONTROL_NAMES[inode]
+            if name == "verify":  # hash every fast copy now: as long as that takes
+                report = await self.store.verify_all()
+                self._files[fh] = (json.dumps(report, indent=2) + "\n").encode()
+            else:
+                self._files[fh] = control.render(self.store, name)
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
-        h = self.store.open(self.ns.path(inode), ctx.pid)
+        h = await self.store.open(self.ns.path(inode), ctx.pid)
         self._files[fh] = h
         # The kernel may keep cached pages only if the file is the one it cached.
         keep = self._versions.get(inode) == h.version
@@ -214,7 +236,7 @@ class Operations(pyfuse3.Operations):
         if not isinstance(h, bytes):
             self.store.release(h)
 
-    async def push_to_page_cache(self, rel: str, version: tuple[int, int]) -> None:
+    async def push_to_page_cache(self, rel: str, version: tuple[int, int, int]) -> None:
         """Copy a file just staged into the kernel page cache of its inode,
         so that the next process's reads and mmap faults never reach the
         daemon (--push-page-cache; measured in docs/benchmarks.md). Only an
@@ -224,7 +246,8 @@ class Operations(pyfuse3.Operations):
             return
         try:
             pushed = await trio.to_thread.run_sync(self._push, ino, rel,
-                                                   limiter=self.store.io_limiter)
+                                                   limiter=self.store.fast_limiter,
+                                                   abandon_on_cancel=True)
         except OSError as exc:  # evicted meanwhile, or the kernel forgot the inode
             log.debug("pushing %s into the page cache stopped: %s", rel, exc)
             return
@@ -244,11 +267,11 @@ class Operations(pyfuse3.Operations):
 
     # -- xattrs: the tier of every file, and actions on it ------------------
 
-    def _regular(self, inode) -> str | None:
+    async def _regular(self, inode) -> str | None:
         if inode in control.CONTROL_INOS:
             return None
         rel = self.ns.path(inode)
-        return rel if stat.S_ISREG(self.cold.lstat(rel).st_mode) else None
+        return rel if stat.S_ISREG((await self._cold(self.cold.lstat, rel)).st_mode) else None
 
     @_handler
     async def getxattr(self, inode, name, ctx):
@@ -256,27 +279,25 @@ class Operations(pyfuse3.Operations):
             # "Not supported" (not "no such attribute") lets ls remember, per
             # device, not to ask again: see docs/inspection.md.
             raise FUSEError(errno.EOPNOTSUPP)
-        rel = self._regular(inode)
+        rel = await self._regular(inode)
         if rel is None or name not in control.XATTRS:
             raise FUSEError(pyfuse3.ENOATTR)
         return control.get_xattr(self.store, rel, name)
 
     @_handler
     async def listxattr(self, inode, ctx):
-        return list(control.XATTRS) if self._regular(inode) is not None else []
+        return list(control.XATTRS) if await self._regular(inode) is not None else []
 
     @_handler
     async def setxattr(self, inode, name, value, ctx):
-        rel = self._regular(inode)
+        rel = await self._regular(inode)
         if rel is None or name not in (control.XATTR_TIER, control.XATTR_PINNED):
             raise FUSEError(errno.EOPNOTSUPP)
         if ctx.uid not in (0, self._owner[0]):
             raise FUSEError(errno.EPERM)
         value = bytes(value).strip()
         if name == control.XATTR_PINNED and value in (b"0", b"1"):
-            self.store.set_pinned(rel, value == b"1")
-            if value == b"1":
-                await self.store.warm(rel)
+            await self.store.set_pinned(rel, value == b"1")
         elif name == control.XATTR_TIER and value == b"fast":
             await self.store.warm(rel)
         elif name == control.XATTR_TIER and value == b"cold":

@@ -5,6 +5,8 @@ metadata, unmount). `daemonize` runs the same thing in a detached child.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
 import faulthandler
 import fcntl
@@ -12,15 +14,17 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
 import time
-import dataclasses
 from dataclasses import dataclass
 
+import lmdb
 import pyfuse3
 import trio
 
@@ -31,7 +35,7 @@ from . import metrics
 from .policy import make_policy
 from .prefetcher import Prefetcher
 from .store import Store
-from .tiers import ColdTier, FastTier
+from .tiers import ColdTier, FastTier, FastTierError
 from .units import format_size
 
 log = logging.getLogger(__name__)
@@ -125,9 +129,24 @@ def _dir_bytes(path: str) -> int:
     return total
 
 
-def _ensure_dir(path: str, what: str, option: str) -> None:
+def _existing_ancestor(path: str) -> str:
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _ensure_dir(path: str, what: str, option: str, created: list[str]) -> None:
+    """Create path (0700) if missing, noting the topmost directory made;
+    refuse one that other users could write into."""
+    top = _existing_ancestor(path)
     try:
-        os.makedirs(path, exist_ok=True)
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        if top != path:
+            created.append(os.path.join(top, os.path.relpath(path, top).split("/")[0]))
+        st = os.stat(path)
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            raise UserError(f"{what} {path} belongs to another user or others can write to "
+                            f"it; give a directory of your own (mode 0700) with {option}")
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as exc:
@@ -135,9 +154,28 @@ def _ensure_dir(path: str, what: str, option: str) -> None:
                         f"or choose another with {option}") from None
 
 
-def prepare(cfg: MountConfig) -> MountConfig:
+def _check_dir_arg(path: str, what: str) -> None:
+    """The cold dir: exists, is a directory, can be read."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist; give the directory that holds "
+                        "your files") from None
+    except OSError as exc:
+        raise UserError(f"{what} {path} cannot be reached ({exc.strerror}); check the "
+                        "permissions of the directories above it") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UserError(f"{what} {path} is not a directory")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise UserError(f"{what} {path} is not readable by this user")
+
+
+def prepare(cfg: MountConfig, created: list[str] | None = None) -> MountConfig:
     """Check everything the user gave; return the config with every path
-    resolved and defaults filled in. Raises UserError with one clear line."""
+    resolved and defaults filled in. Raises UserError with one clear line.
+    Directories it had to create are appended to `created` (the caller
+    removes them if the mount does not come up)."""
+    created = [] if created is None else created
     if cfg.metrics_address:  # before anything is created on disk
         metrics.parse_address(cfg.metrics_address, cfg.metrics_allow_remote)
     if not os.path.exists("/dev/fuse"):
@@ -149,14 +187,8 @@ def prepare(cfg: MountConfig) -> MountConfig:
         raise UserError(f"FUSE is not available: cannot open /dev/fuse ({exc.strerror}); "
                         "run as root or give this user access to /dev/fuse") from None
 
+    _check_dir_arg(cfg.cold, "cold directory")
     cold = os.path.realpath(cfg.cold)
-    if not os.path.exists(cfg.cold):
-        raise UserError(f"cold directory {cfg.cold} does not exist; give the directory "
-                        "that holds your files")
-    if not os.path.isdir(cold):
-        raise UserError(f"cold directory {cfg.cold} is not a directory")
-    if not os.access(cold, os.R_OK | os.X_OK):
-        raise UserError(f"cold directory {cfg.cold} is not readable by this user")
 
     mnt = os.path.realpath(cfg.mountpoint)
     if is_mounted(mnt):
@@ -176,26 +208,45 @@ def prepare(cfg: MountConfig) -> MountConfig:
     if os.listdir(mnt):
         raise UserError(f"mountpoint {cfg.mountpoint} is not empty; mount on an empty "
                         "directory")
-    if _inside(mnt, cold) or _inside(cold, mnt):
+    if _overlap(mnt, cold):
         raise UserError(f"mountpoint {cfg.mountpoint} and cold directory {cfg.cold} "
                         "overlap; choose a mountpoint outside the cold directory")
 
     fast = os.path.realpath(cfg.fast_dir or default_fast_dir(mnt))
     state = os.path.realpath(cfg.state_dir or default_state_dir(mnt))
+    # The daemon deletes files in the fast dir and rewrites the state dir:
+    # neither may share a single file with the cold tree, the mount or the other.
     for path, what, option in ((fast, "fast dir", "--fast-dir"),
                                (state, "state dir", "--state-dir")):
-        if _inside(path, cold) or _inside(path, mnt):
-            raise UserError(f"{what} {path} is inside the cold directory or the mountpoint; "
-                            f"choose another with {option}")
-        _ensure_dir(path, what, option)
+        for other, name in ((cold, "the cold directory"), (mnt, "the mountpoint")):
+            if _overlap(path, other):
+                raise UserError(f"{what} {path} overlaps {name}; choose another with {option}")
+    if _overlap(fast, state):
+        raise UserError(f"fast dir {fast} and state dir {state} overlap; give them "
+                        "separate directories (--fast-dir, --state-dir)")
 
-    sv = os.statvfs(fast)
-    room = sv.f_bavail * sv.f_frsize + _dir_bytes(fast)
+    fast_existed = os.path.exists(fast)
+    sv = os.statvfs(_existing_ancestor(fast))
+    room = sv.f_bavail * sv.f_frsize + (_dir_bytes(fast) if fast_existed else 0)
     if room < cfg.fast_size:
         raise UserError(f"fast dir {fast} has room for {format_size(room)}, less than the "
                         f"budget of {format_size(cfg.fast_size)}; lower --fast-size or choose "
                         "another --fast-dir")
+    _ensure_dir(fast, "fast dir", "--fast-dir", created)
+    _ensure_dir(state, "state dir", "--state-dir", created)
     return dataclasses.replace(cfg, cold=cold, mountpoint=mnt, fast_dir=fast, state_dir=state)
+
+
+def _overlap(a: str, b: str) -> bool:
+    return _inside(a, b) or _inside(b, a)
+
+
+def _remove_created(created: list[str]) -> None:
+    """Undo what a refused mount created (only directories this very start
+    made, holding nothing but what it put there)."""
+    for path in reversed(created):
+        shutil.rmtree(path, ignore_errors=True)
+    created.clear()
 
 
 def _lock_state_dir(state: str) -> int:
@@ -247,6 +298,8 @@ class _JournalFormatter(logging.Formatter):
 
 
 def setup_logging(level: str = "info") -> None:
+    # file names need not be UTF-8: log them escaped rather than fail
+    sys.stderr.reconfigure(errors="backslashreplace")
     handler = logging.StreamHandler(sys.stderr)
     if os.environ.get("JOURNAL_STREAM"):  # stderr is connected to the journal
         handler.setFormatter(_JournalFormatter("%(levelname)s %(name)s: %(message)s"))
@@ -301,20 +354,35 @@ def _notify_systemd(message: bytes) -> None:
 def run_foreground(cfg: MountConfig) -> None:
     """Mount and serve until unmounted or signalled."""
     setup_logging(cfg.log_level)
-    cfg = prepare(cfg)
-    lock_fd = _lock_state_dir(cfg.state_dir)
+    created: list[str] = []
+    try:
+        cfg = prepare(cfg, created)
+        with contextlib.ExitStack() as stack:  # every teardown step, in reverse order
+            _serve_mount(cfg, stack, created)
+    except UserError:
+        _remove_created(created)
+        raise
+
+
+def _serve_mount(cfg: MountConfig, stack: contextlib.ExitStack, created: list[str]) -> None:
+    stack.callback(os.close, _lock_state_dir(cfg.state_dir))
+    cold = ColdTier(cfg.cold)
+    stack.callback(cold.close)
+    try:
+        fast = FastTier(cfg.fast_dir, cfg.fast_size, {"cold": cfg.cold,
+                                                      "mountpoint": cfg.mountpoint})
+    except FastTierError as exc:
+        raise UserError(str(exc)) from None
+    stack.callback(fast.close)
     meta = MetaStore(os.path.join(cfg.state_dir, "lmdb"))
-    store = Store(ColdTier(cfg.cold), FastTier(cfg.fast_dir, cfg.fast_size), meta,
-                  make_policy(cfg.policy), prefetch_rate=cfg.prefetch_bandwidth)
+    stack.callback(meta.close)
+    store = Store(cold, fast, meta, make_policy(cfg.policy),
+                  prefetch_rate=cfg.prefetch_bandwidth)
     exporter = None
-    if cfg.metrics_address:  # first: a taken port stops the start before anything else
-        try:
-            exporter = metrics.start(store, metrics.parse_address(cfg.metrics_address,
-                                                                  cfg.metrics_allow_remote),
-                                     cfg.mountpoint)
-        except UserError:
-            meta.close()
-            raise
+    if cfg.metrics_address:  # a taken port stops the start before the mount
+        exporter = metrics.start(store, metrics.parse_address(cfg.metrics_address,
+                                                              cfg.metrics_allow_remote),
+                                 cfg.mountpoint)
     store.recover()
     prefetcher = Prefetcher(store, cfg.predictor, cfg.prefetch, cfg.prefetch_jobs)
     prefetcher.learn_from(meta.events())
@@ -327,8 +395,8 @@ def run_foreground(cfg: MountConfig) -> None:
     try:
         pyfuse3.init(ops, cfg.mountpoint, options)
     except RuntimeError as exc:
-        meta.close()
         raise UserError(f"mounting {cfg.mountpoint} failed: {exc}") from None
+    created.clear()  # mounted: what was created is in use from now on
     log.info("mounted %s on %s (fast tier %s, budget %s, policy %s, prefetch %s)", cfg.cold,
              cfg.mountpoint, cfg.fast_dir, format_size(cfg.fast_size), cfg.policy,
              cfg.predictor if cfg.prefetch else "off")
@@ -336,10 +404,14 @@ def run_foreground(cfg: MountConfig) -> None:
     try:
         unmount = trio.run(_serve, store, prefetcher, cfg, exporter)
     finally:
-        store.flush()  # the trio loop has ended: no promotion is left
-        meta.close()
+        # The trio loop has ended; threads it abandoned (a hung cold tier)
+        # hold their own fds and are not waited for.
+        try:
+            store.flush()
+        except lmdb.Error as exc:
+            log.error("writing metadata at unmount failed (%s); the last second of "
+                      "statistics is lost", exc)
         pyfuse3.close(unmount=unmount)
-        os.close(lock_fd)
         log.info("unmounted %s", cfg.mountpoint)
 
 
@@ -391,7 +463,12 @@ async def _serve(store: Store, prefetcher: Prefetcher, cfg: MountConfig,
 def daemonize(cfg: MountConfig, argv: list[str]) -> None:
     """Validate here (so mistakes print to the user's terminal), then run the
     daemon in a detached child and return once the mount is live."""
-    cfg = prepare(cfg)
+    created: list[str] = []
+    try:
+        cfg = prepare(cfg, created)
+    except UserError:
+        _remove_created(created)
+        raise
     log_path = os.path.join(cfg.state_dir, "aattsfs.log")
     with open(log_path, "ab") as logf:
         start = logf.tell()

@@ -90,8 +90,7 @@ class Prefetcher:
         rel, stream = ev["path"], (ev["pid"], ev["start"])
         files: dict[str, int] = {}
         if hints.is_trigger(rel):  # read again on every open: the model may have changed
-            files = await trio.to_thread.run_sync(self._model_files, rel,
-                                                  limiter=self.store.io_limiter)
+            files = await self.store.cold_call(self._model_files, rel)
             for f, n in files.items():
                 _remember(self._sizes, f, n, MAX_CACHED)
             _remember(self._hinted, rel, list(files), MAX_CACHED)
@@ -111,7 +110,7 @@ class Prefetcher:
             await trio.sleep(PLAN_INTERVAL)
 
     def _read_json(self, rel: str) -> dict:
-        with os.fdopen(self.store.cold.open(rel), "rb") as f:
+        with os.fdopen(self.store.cold.open(rel)[0], "rb") as f:
             return json.loads(f.read(16 << 20))
 
     def _model_files(self, rel: str) -> dict[str, int]:
@@ -132,7 +131,7 @@ class Prefetcher:
             return True
         key = (rel, st.st_size, st.st_mtime_ns)
         if key not in self._checked:
-            fd = self.store.cold.open(rel)
+            fd = self.store.cold.open(rel)[0]
             try:
                 hints.safetensors_layout(lambda off, n: os.pread(fd, n, off), st.st_size)
                 ok = True
@@ -186,7 +185,7 @@ class Prefetcher:
         while True:
             rel, protect = await self._next()
             try:
-                prom = self.store.prefetch(rel, protect)
+                prom = await self.store.prefetch(rel, protect)
             except OSError as exc:
                 log.debug("cannot prefetch %s: %s", rel, exc)
                 continue

@@ -2,24 +2,28 @@
 
 This is the filesystem model below the FUSE adapter. It runs on the trio
 thread: all state here is touched only between awaits, so it needs no locks.
-Blocking I/O on the cold tier and bulk copies go to worker threads under
-`io_limiter`; small preads of the fast copy run inline.
+Every cold-tier call runs in a worker thread under `io_limiter` (a bounded
+pool), abandoned on cancellation, so a slow or hung cold tier stalls only
+the requests that need it and never shutdown; fast-tier work that can take
+long (verifying, committing) has its own `fast_limiter`. Small preads of a
+fast copy run inline.
 
 Promotion protocol (docs/promotion.md explains why):
 
 1. On the first read of a file that is only in the cold tier, room for the
    whole file is *reserved* in the fast tier (evicting by policy), so the
    budget holds even while copies are in flight.
-2. A `Promotion` fills a temporary file chunk by chunk. A background filler
-   walks the chunks in order at full speed; a demand read of a chunk that is
-   not there yet fetches that chunk itself, or waits for the fetch already in
-   flight. Either way each cold byte is read once, and a random read never
-   waits for the filler to get there.
+2. A `Promotion` fills a temporary file chunk by chunk, hashing the cold
+   bytes it reads. A background filler walks the chunks in order at full
+   speed; a demand read of a chunk that is not there yet fetches that chunk
+   itself, or waits for the fetch already in flight. Either way each cold
+   byte is read once, and a random read never waits for the filler.
 3. Reads are served from the temporary copy as soon as their chunks are in.
-4. When every chunk is in and the cold file is unchanged, the copy gets the
-   cold file's mtime and is renamed into place (the commit point); open
-   handles move over to it. On any failure the reservation is returned and
-   handles fall back to the cold tier.
+4. When every chunk is in and the cold file is unchanged, the copy is read
+   back and must hash to what was read from cold, chunk by chunk; only then
+   is it renamed into place (the commit point), and open handles move over
+   to it. On any failure the reservation is returned and handles fall back
+   to the cold file they opened.
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ import errno
 import itertools
 import logging
 import os
-import stat
 import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Container
@@ -41,7 +44,7 @@ import trio
 from .metadata import FileRecord, MetaStore
 from .procs import Stream, stream_of
 from .policy import EvictionPolicy, choose_victims
-from .tiers import ColdTier, FastTier
+from .tiers import ColdTier, FastTier, SharedFd, digest_fd, new_digest, same_copy, version_of
 
 log = logging.getLogger(__name__)
 
@@ -50,21 +53,68 @@ FLUSH_INTERVAL = 1.0
 EVENT_BUFFER = 10_000  # access events waiting for the prefetcher; more are dropped
 MAX_RANGES = 256  # read ranges recorded per open; the rest are counted, not listed
 
+Version = tuple[int, int, int]  # size, mtime_ns, inode (tiers.version_of)
 
-def _copy_range(src: int, dst: int, off: int, length: int) -> int:
-    """Copy [off, off+length) from src to dst; returns bytes copied."""
+
+def _copy_range(src: int, dst: int, off: int, length: int) -> tuple[int, str]:
+    """Copy [off, off+length) from src to dst; returns the bytes copied and
+    the digest of what was read. A short write (a full fast-tier filesystem)
+    is finished or raises: a gap must never look like copied data."""
+    h = new_digest()
     done = 0
     while done < length:
         buf = os.pread(src, min(length - done, 1 << 20), off + done)
         if not buf:
             break
-        os.pwrite(dst, buf, off + done)
-        done += len(buf)
-    return done
+        h.update(buf)
+        view = memoryview(buf)
+        while view:
+            n = os.pwrite(dst, view, off + done)
+            if n <= 0:
+                raise OSError(errno.ENOSPC, "short write to the fast tier")
+            view = view[n:]
+            done += n
+    return done, h.hexdigest()
 
 
-def version_of(st: os.stat_result) -> tuple[int, int]:
-    return st.st_size, st.st_mtime_ns
+def _verify_copy(fd: int, size: int, chunk_digests: list[str]) -> str | None:
+    """Read a filled copy back: the digest of the whole copy if every chunk
+    hashes to what was read from cold, else None."""
+    whole = new_digest()
+    for idx, expected in enumerate(chunk_digests):
+        off = idx * CHUNK
+        buf = os.pread(fd, min(CHUNK, size - off), off)
+        if new_digest_of(buf) != expected:
+            return None
+        whole.update(buf)
+    return whole.hexdigest()
+
+
+def new_digest_of(buf: bytes) -> str:
+    h = new_digest()
+    h.update(buf)
+    return h.hexdigest()
+
+
+def _in_thread(fn: Callable, *args, fds: tuple[SharedFd, ...] = ()):
+    """fn(*fd numbers of `fds`, *args) for a worker thread; each fd stays
+    open until the thread is done with it, even if nobody waits any more."""
+    nums = []
+    try:
+        for sfd in fds:
+            nums.append(sfd.hold())
+    except OSError:
+        for sfd in fds[:len(nums)]:
+            sfd.drop()
+        raise
+
+    def run():
+        try:
+            return fn(*nums, *args)
+        finally:
+            for sfd in fds:
+                sfd.drop()
+    return run
 
 
 class Pacer:
@@ -82,25 +132,37 @@ class Pacer:
 
 
 class Promotion:
-    def __init__(self, store: "Store", rel: str, version: tuple[int, int],
-                 cold_fd: int, tmp_path: str, tmp_fd: int, prefetch: bool) -> None:
+    def __init__(self, store: "Store", rel: str, version: Version,
+                 cold_fd: SharedFd, tmp_path: str, tmp_fd: SharedFd, prefetch: bool) -> None:
         self.store = store
         self.rel = rel
         self.version = version
         self.size = version[0]
-        self.cold_fd = cold_fd
+        self.cold_fd = cold_fd  # a reference of its own: handles may close theirs
         self.tmp_path = tmp_path
-        self.tmp_fd: int | None = tmp_fd
+        self.tmp_fd: SharedFd | None = tmp_fd
         nchunks = (self.size + CHUNK - 1) // CHUNK
         self.state = bytearray(nchunks)  # 0 missing, 1 in flight, 2 present
+        self.digests = [""] * nchunks  # of the cold bytes of each chunk, as read
         self.fetched: dict[int, trio.Event] = {}
         self.done = trio.Event()
         self.failed = False
+        self.nospace = False  # failed because the fast tier's filesystem is full
         self.cancelled = False
         self._cancel_event = trio.Event()
-        self.committing = False  # the commit (fsync, rename) is running in a thread
+        self.committing = False  # the commit (verify, rename) is running in a thread
         self.committed = False  # renamed into place; a cancel may still arrive after
+        self.copy_stat: os.stat_result | None = None  # the committed copy's identity
         self.prefetch = prefetch  # the filler is paced until a process opens the file
+
+    def _failed(self, exc: OSError) -> None:
+        self.failed = True
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            self.nospace = True
+            log.warning("promotion of %s stopped: the fast tier's filesystem is full (%s)",
+                        self.rel, exc.strerror)
+        else:
+            log.warning("promotion of %s failed: %s", self.rel, exc)
 
     async def _fetch(self, idx: int) -> None:
         self.state[idx] = 1
@@ -108,23 +170,27 @@ class Promotion:
         off = idx * CHUNK
         length = min(CHUNK, self.size - off)
         try:
-            n = await trio.to_thread.run_sync(_copy_range, self.cold_fd, self.tmp_fd, off,
-                                              length, limiter=self.store.io_limiter)
+            n, digest = await self.store.cold_call(
+                _in_thread(_copy_range, off, length, fds=(self.cold_fd, self.tmp_fd)))
+            self.store.stats.cold_bytes_read += n
             if n != length:
                 log.info("%s shrank while being promoted; copy discarded", self.rel)
+                self.state[idx] = 0
                 self.cancel()
-            self.state[idx] = 2
-            self.store.stats.cold_bytes_read += n
+            else:
+                self.digests[idx] = digest
+                self.state[idx] = 2
         except OSError as exc:
-            log.warning("promotion of %s failed: %s", self.rel, exc)
-            self.failed = True
+            self._failed(exc)
             self.state[idx] = 0
         finally:
+            if self.state[idx] == 1:  # cancelled: the thread was abandoned
+                self.state[idx] = 0
             ev.set()
 
     def cancel(self) -> None:
         """Stop at the next chunk boundary (a paced filler stops waiting now);
-        the reservation is returned when the chunk copies in flight end."""
+        the reservation is returned when the filler ends."""
         self.cancelled = True
         self._cancel_event.set()
 
@@ -150,6 +216,24 @@ class Promotion:
                     await self._fetch(idx)
         return self._alive(), waited
 
+    def _unchanged(self, cold_fd: int) -> bool:
+        """Whether the cold path still names the very file that was copied,
+        with the content it had (blocking)."""
+        return (version_of(os.fstat(cold_fd)) == self.version
+                and version_of(self.store.cold.lstat(self.rel)) == self.version)
+
+    def _verify_and_commit(self, cold_fd: int, tmp_fd: int) -> os.stat_result | None:
+        if not self._unchanged(cold_fd):
+            log.info("%s changed while being promoted; copy discarded", self.rel)
+            return None
+        digest = _verify_copy(tmp_fd, self.size, self.digests)
+        if digest is None:
+            log.warning("the fast copy of %s does not read back as the cold bytes; "
+                        "discarded (is the fast tier's storage failing?)", self.rel)
+            self.store.stats.copies_corrupt += 1
+            return None
+        return self.store.fast.commit(self.tmp_path, tmp_fd, self.rel, self.version, digest)
+
     async def fill(self) -> None:
         try:
             async with self.store.promote_limiter:
@@ -163,27 +247,16 @@ class Promotion:
                     elif self.state[idx] == 1:
                         await self.fetched[idx].wait()
                 if self._alive():
-                    if version_of(self.store.cold.lstat(self.rel)) != self.version:
-                        log.info("%s changed while being promoted; copy discarded", self.rel)
+                    self.committing = True
+                    self.copy_stat = await self.store.cold_call(
+                        _in_thread(self._verify_and_commit, fds=(self.cold_fd, self.tmp_fd)))
+                    if self.copy_stat is None:
                         self.cancel()
                     else:
-                        self.committing = True
-                        await trio.to_thread.run_sync(
-                            self.store.fast.commit, self.tmp_path, self.tmp_fd, self.rel,
-                            self.version[1], limiter=self.store.io_limiter)
                         self.committed = True
         except OSError as exc:
-            log.warning("promotion of %s failed: %s", self.rel, exc)
-            self.failed = True
+            self._failed(exc)
         finally:
-            # Worker threads may still be copying chunks that readers asked
-            # for; the fds must outlive them, or a reused fd number would
-            # receive their writes. Threads cannot be cancelled, so this wait
-            # is bounded by one chunk copy.
-            with trio.CancelScope(shield=True):
-                for idx, ev in list(self.fetched.items()):
-                    if self.state[idx] == 1:
-                        await ev.wait()
             self.store._promotion_ended(self)
 
 
@@ -197,11 +270,11 @@ def _active(prom: Promotion | None) -> bool:
 @dataclass(eq=False)
 class Handle:
     rel: str
-    version: tuple[int, int]
+    version: Version
     entry: "Entry"
+    cold_fd: SharedFd  # the cold file this open resolved to, kept for its whole life
     stream: Stream = (0, None)  # the process that opened it
     fast_fd: int | None = None
-    cold_fd: int | None = None
     prom: Promotion | None = None
     tried_promotion: bool = False
     ranges: list = field(default_factory=list)  # [offset, length] read, coalesced
@@ -220,7 +293,10 @@ class Handle:
 @dataclass(eq=False)
 class Entry:
     record: FileRecord
+    version: Version | None = None  # of the cold file, as last seen; None: not yet
     fast_bytes: int = 0  # bytes this file's committed copy holds in the budget
+    copy_stat: os.stat_result | None = None  # the copy as committed or verified
+    verified: bool = False  # the copy may be served (False: found at start, unchecked)
     prom: Promotion | None = None
     handles: set = field(default_factory=set)
     prefetched: bool = False  # staged by the prefetcher and not opened since
@@ -273,22 +349,26 @@ class Stats:
     evictions: int = 0
     evicted_bytes: int = 0
     invalidations: int = 0
+    promotions_nospace: int = 0  # failed because the fast tier's filesystem was full
+    copies_verified: int = 0  # copies found at start (or on demand) that hashed right
+    copies_corrupt: int = 0  # copies that did not: dropped, never served
 
 
 class Store:
     def __init__(self, cold: ColdTier, fast: FastTier, meta: MetaStore,
-                 policy: EvictionPolicy, io_threads: int = 8,
+                 policy: EvictionPolicy, io_threads: int = 16,
                  max_promotions: int = 2, prefetch_rate: int = 0) -> None:
         self.cold = cold
         self.fast = fast
         self.meta = meta
         self.policy = policy
-        self.io_limiter = trio.CapacityLimiter(io_threads)
+        self.io_limiter = trio.CapacityLimiter(io_threads)  # the cold tier's threads
+        self.fast_limiter = trio.CapacityLimiter(2)  # hashing fast copies
         self.promote_limiter = trio.CapacityLimiter(max_promotions)
         self.stats = Stats()
         self._pacer = Pacer(prefetch_rate) if prefetch_rate else None
         # Called (as a task) with (rel, version) when a prefetched copy commits.
-        self.on_staged: Callable[[str, tuple[int, int]], Awaitable[None]] | None = None
+        self.on_staged: Callable[[str, Version], Awaitable[None]] | None = None
         self.entries: dict[str, Entry] = {rel: Entry(rec) for rel, rec in meta.records.items()}
         self._nursery: trio.Nursery | None = None
         self._dirty: set[str] = set()
@@ -296,28 +376,27 @@ class Store:
         # Access events for the prefetcher: the read path never waits on them.
         self.events_out, self.events_in = trio.open_memory_channel(EVENT_BUFFER)
 
+    async def cold_call(self, fn: Callable, *args):
+        """fn(*args) in a cold-tier worker thread. Abandoned when cancelled:
+        a hung cold tier must not hold up shutdown (threads given fds hold
+        them through `_in_thread`)."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.io_limiter,
+                                             abandon_on_cancel=True)
+
     # -- lifecycle ---------------------------------------------------------
 
     def recover(self) -> None:
-        """Reconcile metadata with what the fast directory really holds: keep
-        copies whose size and mtime equal the cold file's, drop the rest."""
-        kept = dropped = 0
-        for rel, fst in self.fast.scan().items():
-            try:
-                cst = self.cold.lstat(rel)
-                valid = stat.S_ISREG(cst.st_mode) and version_of(cst) == version_of(fst)
-            except OSError:
-                valid = False
-            if not valid:
-                self.fast.remove(rel)
-                dropped += 1
-                continue
+        """Take stock of the copies the fast directory holds (no cold I/O
+        here: the mount comes up at once). Each is counted in the budget but
+        served only once `run` has checked it against the cold file and its
+        digest (docs/crash-recovery.md)."""
+        self._recovered: list[tuple[str, dict]] = []
+        for rel, (fst, source) in self.fast.scan().items():
             e = self._entry(rel)
-            e.record.size, e.record.mtime_ns = version_of(cst)
-            e.record.tier = "fast"
-            e.fast_bytes = cst.st_size
-            self.fast.used += cst.st_size
-            kept += 1
+            e.fast_bytes = fst.st_size
+            e.copy_stat = fst
+            self.fast.used += fst.st_size
+            self._recovered.append((rel, source))
         for rel, e in self.entries.items():
             if e.record.tier == "fast" and not e.fast_bytes:
                 e.record.tier = "cold"
@@ -325,21 +404,92 @@ class Store:
         for rel, e in sorted(self.entries.items(), key=lambda kv: kv[1].record.last_access):
             if e.fast_bytes:
                 self.policy.admit(rel, e.fast_bytes)
-                self._dirty.add(rel)
         if self.fast.used > self.fast.budget:  # the budget shrank since last time
             if not self._make_room(0, partial=True):
                 log.warning("pinned files hold %d bytes, more than the budget of %d; "
                             "unpin some or raise --fast-size", self.fast.used, self.fast.budget)
-        log.info("fast tier recovered: %d copies kept (%d bytes), %d dropped",
-                 kept, self.fast.used, dropped)
+        self._recovered.sort(key=lambda rs: -self.entries[rs[0]].record.last_access)
+        log.info("fast tier: %d copies found (%d bytes), to be verified before use",
+                 len(self._recovered), self.fast.used)
+
+    async def _verify_recovered(self) -> None:
+        """Check every copy found at start, most recently used first; then
+        bring pinned files back."""
+        kept = dropped = 0
+        for rel, source in self._recovered:
+            e = self.entries.get(rel)
+            if e is None or not e.fast_bytes or e.verified:
+                continue  # evicted or replaced meanwhile
+            try:
+                fd, st = await self.cold_call(self.cold.open, rel)
+                os.close(fd)
+                expected = (source["size"], source["mtime_ns"], source["ino"])
+                ok = version_of(st) == expected and await self._copy_matches(rel, e)
+            except (OSError, KeyError, TypeError) as exc:
+                log.debug("copy of %s not kept: %s", rel, exc)
+                ok = False
+            e = self.entries.get(rel)
+            if e is None or not e.fast_bytes or e.verified:
+                continue
+            if ok:
+                e.verified = True
+                e.version = expected
+                e.record.size, e.record.mtime_ns = expected[:2]
+                e.record.tier = "fast"
+                kept += 1
+            else:
+                self._drop_fast(rel)
+                dropped += 1
+            self._dirty.add(rel)
+        self._recovered = []
+        if kept or dropped:
+            log.info("fast tier recovered: %d copies verified and kept, %d dropped",
+                     kept, dropped)
+        for rel, e in list(self.entries.items()):
+            if e.record.pinned and not e.fast_bytes:
+                self._nursery.start_soon(self._warm_quietly, rel)
+
+    async def _copy_matches(self, rel: str, e: Entry) -> bool:
+        """Hash a fast copy against the digest it carries, and check that it
+        is still the copy the store knows (counted; a mismatch is logged)."""
+        st, ok = await trio.to_thread.run_sync(self.fast.check, rel, e.fast_bytes,
+                                               limiter=self.fast_limiter,
+                                               abandon_on_cancel=True)
+        if ok and same_copy(st, e.copy_stat or st):
+            self.stats.copies_verified += 1
+            e.copy_stat = st
+            return True
+        log.warning("the fast copy of %s does not match its digest; dropped, never served",
+                    rel)
+        self.stats.copies_corrupt += 1
+        return False
+
+    async def verify_all(self) -> dict:
+        """Hash every copy in use again (`aattsfs verify`); a mismatch is
+        dropped. Returns what was checked."""
+        checked = nbytes = 0
+        bad = []
+        for rel in [rel for rel, e in self.entries.items() if e.fast_bytes and e.verified]:
+            e = self.entries[rel]
+            try:
+                ok = await self._copy_matches(rel, e)
+            except OSError as exc:
+                log.warning("the fast copy of %s cannot be read (%s); dropped", rel, exc)
+                ok = False
+            if not (e.fast_bytes and e.verified):
+                continue  # evicted or replaced meanwhile
+            checked += 1
+            nbytes += e.fast_bytes
+            if not ok:
+                bad.append(rel)
+                self._drop_fast(rel)
+        return {"checked": checked, "bytes": nbytes, "corrupt": bad}
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Own the background tasks (promotions, metadata flush) until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            for rel, e in self.entries.items():
-                if e.record.pinned and e.record.tier != "fast":
-                    nursery.start_soon(self._warm_quietly, rel)
+            nursery.start_soon(self._verify_recovered)
             task_status.started()
             while True:
                 await trio.sleep(FLUSH_INTERVAL)
@@ -398,7 +548,9 @@ class Store:
             return "cold"
         if _active(e.prom):
             return "promoting"
-        return e.record.tier
+        if e.fast_bytes and not e.verified:
+            return "verifying"  # found at start, not served until its digest is checked
+        return "fast" if e.fast_bytes else "cold"
 
     def record(self, rel: str) -> FileRecord:
         e = self.entries.get(rel)
@@ -417,6 +569,9 @@ class Store:
             "promoted_bytes": s.promoted_bytes,
             "promotions_failed": s.promotions_failed,
             "promotions_cancelled": s.promotions_cancelled,
+            "promotions_nospace": s.promotions_nospace,
+            "copies_verified": s.copies_verified,
+            "copies_corrupt": s.copies_corrupt,
             "promotions_in_flight": sum(1 for e in self.entries.values() if _active(e.prom)),
             "prefetch": {
                 "prefetches": s.prefetches,
@@ -444,47 +599,64 @@ class Store:
 
     # -- the read path -----------------------------------------------------
 
-    def _refresh(self, rel: str) -> tuple[Entry, tuple[int, int]]:
-        """Compare the cold file with what is known of it; a changed file
-        loses its fast copy and any promotion of the old version."""
-        st = self.cold.lstat(rel)
-        if not stat.S_ISREG(st.st_mode):
-            # The kernel serves FIFOs itself and FUSE mounts are nodev, so
-            # this is defence in depth: never open a special file as root.
-            raise OSError(errno.ENXIO, "not a regular file")
+    def _refresh(self, rel: str, st: os.stat_result) -> tuple[Entry, Version]:
+        """Compare the cold file just opened with what is known of it; a
+        changed file loses its fast copy and any promotion of the old version."""
         version = version_of(st)
         e = self._entry(rel)
         rec = e.record
-        if (rec.size, rec.mtime_ns) != version:
+        known = e.version or (rec.size, rec.mtime_ns, version[2])
+        if known != version:
             if e.fast_bytes:
                 log.info("%s changed in the cold tier; its fast copy is dropped", rel)
                 self.stats.invalidations += 1
                 self._drop_fast(rel)
             if e.prom is not None and e.prom.version != version:
                 e.prom.cancel()
-            rec.size, rec.mtime_ns = version
+            rec.size, rec.mtime_ns = version[:2]
             self._dirty.add(rel)
+        e.version = version
         return e, version
 
-    def open(self, rel: str, pid: int = 0) -> Handle:
-        e, version = self._refresh(rel)
+    async def _open_cold(self, rel: str) -> tuple[SharedFd, Entry, Version]:
+        fd, st = await self.cold_call(self.cold.open, rel)
+        cold_fd = SharedFd(fd)
+        e, version = self._refresh(rel, st)
+        return cold_fd, e, version
+
+    def _open_fast(self, rel: str, e: Entry) -> int | None:
+        """An fd of rel's copy if it may be served: verified, and unchanged
+        since (a copy written behind the daemon's back is dropped)."""
+        if not (e.fast_bytes and e.verified):
+            return None
+        try:
+            fd = self.fast.open(rel)
+        except OSError as exc:  # removed behind the daemon's back
+            log.warning("fast copy of %s is unreadable (%s); dropped", rel, exc)
+            self._drop_fast(rel)
+            return None
+        if not same_copy(os.fstat(fd), e.copy_stat):
+            os.close(fd)
+            log.warning("the fast copy of %s was changed behind aattsfs's back; dropped, "
+                        "never served", rel)
+            self.stats.copies_corrupt += 1
+            self._drop_fast(rel)
+            return None
+        return fd
+
+    async def open(self, rel: str, pid: int = 0) -> Handle:
+        cold_fd, e, version = await self._open_cold(rel)
         rec = e.record
-        h = Handle(rel, version, e, stream_of(pid))
-        if e.fast_bytes:
-            try:
-                h.fast_fd = self.fast.open(rel)
-            except OSError as exc:  # removed behind the daemon's back
-                log.warning("fast copy of %s is unreadable (%s); dropped", rel, exc)
-                self._drop_fast(rel)
+        h = Handle(rel, version, e, cold_fd, stream_of(pid))
+        h.fast_fd = self._open_fast(rel, e)
         if h.fast_fd is not None:
             rec.hits += 1
             self.stats.opens_fast += 1
             self.policy.access(rel)
         else:
-            h.cold_fd = self.cold.open(rel)
             rec.misses += 1
             self.stats.opens_cold += 1
-            if _active(e.prom):
+            if _active(e.prom) and e.prom.version == version:
                 h.prom = e.prom
             else:
                 self.stats.demand_misses += 1
@@ -520,19 +692,16 @@ class Store:
                 return os.pread(h.fast_fd, size, off), True
             if not h.tried_promotion and not _active(h.entry.prom) and h.version[0] > 0:
                 h.tried_promotion = True
-                self._start_promotion(h.rel, h.entry, h.version)
+                self._start_promotion(h.rel, h.entry, h.version, h.cold_fd)
             if h.prom is not None:
                 prom = h.prom
                 usable, waited = await prom.ensure(off, size)
                 if usable:
-                    return os.pread(prom.tmp_fd, size, off), not waited
+                    return os.pread(prom.tmp_fd.fd, size, off), not waited
                 if h.prom is prom:  # ended without moving this handle
                     h.prom = None
                 continue
-            if h.cold_fd is None:
-                h.cold_fd = self.cold.open(h.rel)
-            data = await trio.to_thread.run_sync(os.pread, h.cold_fd, size, off,
-                                                 limiter=self.io_limiter)
+            data = await self.cold_call(_in_thread(os.pread, size, off, fds=(h.cold_fd,)))
             self.stats.cold_bytes_read += len(data)
             return data, False
 
@@ -544,20 +713,20 @@ class Store:
                 ev["more_ranges"] = h.more_ranges
             self._emit(ev)
         h.entry.handles.discard(h)
-        for fd in (h.fast_fd, h.cold_fd):
-            if fd is not None:
-                os.close(fd)
-        h.fast_fd = h.cold_fd = None
+        if h.fast_fd is not None:
+            os.close(h.fast_fd)
+        h.cold_fd.close()
+        h.fast_fd = None
         h.prom = None
 
     # -- promotion ---------------------------------------------------------
 
-    def _start_promotion(self, rel: str, e: Entry, version: tuple[int, int],
+    def _start_promotion(self, rel: str, e: Entry, version: Version, cold_fd: SharedFd,
                          protect: Container[str] = frozenset(),
                          prefetch: bool = False) -> Promotion | None:
-        """Begin promoting rel if its whole size fits the budget and the
-        policy finds it worth what it evicts; attach every open handle of
-        this version of the file to the promotion."""
+        """Begin promoting rel (the file open as `cold_fd`) if its whole size
+        fits the budget and the policy finds it worth what it evicts; attach
+        every open handle of this version of the file to the promotion."""
         size = version[0]
         if e.fast_bytes or _active(e.prom):
             return e.prom
@@ -566,12 +735,13 @@ class Store:
                 or not self.fast.reserve(size)):
             return None
         try:
-            cold_fd = self.cold.open(rel)
             tmp_path, tmp_fd = self.fast.create_temp()
         except OSError:
             self.fast.release(size)
             raise
-        prom = e.prom = Promotion(self, rel, version, cold_fd, tmp_path, tmp_fd, prefetch)
+        cold_fd.hold()  # the promotion's own reference, dropped when it ends
+        prom = e.prom = Promotion(self, rel, version, cold_fd, tmp_path, SharedFd(tmp_fd),
+                                  prefetch)
         if prefetch:
             e.prefetched = True
             self.stats.prefetches += 1
@@ -588,14 +758,17 @@ class Store:
         e = self.entries.get(rel)
         return e is None or not (e.fast_bytes or _active(e.prom))
 
-    def prefetch(self, rel: str, protect: Container[str]) -> Promotion | None:
+    async def prefetch(self, rel: str, protect: Container[str]) -> Promotion | None:
         """Start promoting rel ahead of any open, evicting neither the files
         in `protect` nor files open right now; None if it is already in the
         fast tier or on its way, or cannot be brought in at that price."""
-        e, version = self._refresh(rel)
-        if not self.absent(rel) or version[0] == 0:
-            return None
-        return self._start_promotion(rel, e, version, protect, prefetch=True)
+        cold_fd, e, version = await self._open_cold(rel)
+        try:
+            if not self.absent(rel) or version[0] == 0:
+                return None
+            return self._start_promotion(rel, e, version, cold_fd, protect, prefetch=True)
+        finally:
+            cold_fd.close()
 
     def _promotion_ended(self, prom: Promotion) -> None:
         e = self.entries[prom.rel]
@@ -603,7 +776,11 @@ class Store:
         if e.prom is prom:
             e.prom = None
         if committed:
+            if e.version != prom.version:  # the file changed while the commit ran
+                prom.cancel()
             e.fast_bytes = prom.size
+            e.copy_stat = prom.copy_stat
+            e.verified = True
             e.record.tier = "fast"
             self.policy.admit(prom.rel, prom.size)
             self.stats.promotions += 1
@@ -616,18 +793,18 @@ class Store:
             self._unused_prefetch(e)
             if prom.failed:
                 self.stats.promotions_failed += 1
+                self.stats.promotions_nospace += prom.nospace
             else:
                 self.stats.promotions_cancelled += 1
             with contextlib.suppress(OSError):
                 os.unlink(prom.tmp_path)
         for h in e.handles:
             if h.prom is prom:
-                h.prom = None  # falls back to the cold tier unless moved below
-                if committed:
-                    with contextlib.suppress(OSError):
-                        h.fast_fd = self.fast.open(prom.rel)
-        os.close(prom.tmp_fd)
-        os.close(prom.cold_fd)
+                h.prom = None  # falls back to its cold file unless moved below
+                if committed and not prom.cancelled:
+                    h.fast_fd = self._open_fast(prom.rel, e)
+        prom.tmp_fd.close()
+        prom.cold_fd.close()
         prom.tmp_fd = None
         if committed and prom.cancelled:
             # Cancelled (evicted, changed, stale) while the commit ran: the
@@ -663,13 +840,15 @@ class Store:
 
     def _drop_fast(self, rel: str) -> None:
         """Remove rel's fast copy. Open handles reading it switch to the cold
-        tier on their next read, so they keep returning the same bytes."""
+        file each of them opened, so they keep returning the same bytes."""
         e = self.entries[rel]
         self.fast.remove(rel)
         self.fast.release(e.fast_bytes)
         self.stats.evicted_bytes += e.fast_bytes
         self._unused_prefetch(e)
         e.fast_bytes = 0
+        e.copy_stat = None
+        e.verified = False
         e.record.tier = "cold"
         self.policy.remove(rel)
         self._dirty.add(rel)
@@ -688,17 +867,23 @@ class Store:
 
     async def warm(self, rel: str, attempts: int = 3) -> None:
         """Promote rel and wait until it is in the fast tier. Raises OSError:
-        ENOSPC if it cannot fit next to pinned files, EIO if reading the cold
-        file failed, EBUSY if every attempt was cancelled (the file changed,
-        or was evicted again while being promoted)."""
+        ENOSPC if it cannot fit next to pinned files or the fast tier's
+        filesystem is full, EIO if reading the cold file failed, EBUSY if
+        every attempt was cancelled (the file changed, or was evicted again
+        while being promoted)."""
         for _ in range(attempts):
-            e, version = self._refresh(rel)
-            if e.fast_bytes or version[0] == 0:
-                return
-            prom = self._start_promotion(rel, e, version)
+            cold_fd, e, version = await self._open_cold(rel)
+            try:
+                if e.fast_bytes or version[0] == 0:
+                    return  # a copy found at start is being verified
+                prom = self._start_promotion(rel, e, version, cold_fd)
+            finally:
+                cold_fd.close()
             if prom is None:
                 raise OSError(errno.ENOSPC, "does not fit in the fast tier")
             await prom.done.wait()
+            if prom.nospace:
+                raise OSError(errno.ENOSPC, "the fast tier's filesystem is full")
             if prom.failed:
                 raise OSError(errno.EIO, "reading the cold file failed")
         raise OSError(errno.EBUSY, "cancelled while being promoted")
@@ -713,7 +898,16 @@ class Store:
             self._drop_fast(rel)
             self.stats.evictions += 1
 
-    def set_pinned(self, rel: str, pinned: bool) -> None:
+    async def set_pinned(self, rel: str, pinned: bool) -> None:
+        """Pin (and promote) or unpin rel. A pin that cannot be honoured is
+        not kept: the error is raised and the file stays unpinned."""
         e = self._entry(rel)
+        was = e.record.pinned
         e.record.pinned = pinned
         self._dirty.add(rel)
+        if pinned:
+            try:
+                await self.warm(rel)
+            except BaseException:
+                e.record.pinned = was
+                raise

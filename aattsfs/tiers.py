@@ -1,20 +1,108 @@
 """The two tiers: a read-only view of the cold directory, and the fast
 directory with its byte budget.
 
-Neither knows about FUSE, trio or policies. Paths handed in are relative to
-the tier root ("" is the root) and come from the namespace, which only ever
-builds them from single names the kernel looked up.
+Neither knows about FUSE, trio or policies; every call here is plain
+blocking I/O, and the store runs the cold ones in worker threads. Paths
+handed in are relative to the tier root ("" is the root).
+
+Nothing outside the cold root, by construction: every cold path is resolved
+by the kernel beneath a directory fd of the root (`openat2` with
+RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS |
+RESOLVE_NO_XDEV), so a directory swapped for a symlink, or a mount that
+appears inside the tree, fails the call instead of leading elsewhere.
+Symlinks are never followed by the daemon: the kernel follows them inside
+the mount, where each step is resolved here again. docs/reliability.md.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
+import hashlib
+import json
 import logging
 import os
-import shutil
+import re
 import stat
+import threading
 import uuid
 
+import xxhash
+
 log = logging.getLogger(__name__)
+
+_SYS_OPENAT2 = 437  # the same number on x86_64 and aarch64
+_RESOLVE = 0x01 | 0x02 | 0x04 | 0x08  # NO_XDEV, NO_MAGICLINKS, NO_SYMLINKS, BENEATH
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def openat2(dirfd: int, path: str, flags: int) -> int:
+    """openat2(2) beneath `dirfd`, never following a symlink or crossing a
+    mount; raises OSError like os.open (EXDEV/ELOOP when something tried to
+    lead elsewhere)."""
+    how = _OpenHow(flags | os.O_CLOEXEC, 0, _RESOLVE)
+    while True:
+        fd = _libc.syscall(_SYS_OPENAT2, dirfd, os.fsencode(path or "."), ctypes.byref(how),
+                           ctypes.sizeof(how))
+        if fd >= 0:
+            return fd
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            raise OSError(err, os.strerror(err), path)
+
+
+def check_rel(rel: str) -> str:
+    """rel as the namespace builds it: names joined by '/', none empty, '.'
+    or '..'. Anything else (say, from a model index file) names no file."""
+    if rel and any(part in ("", ".", "..") for part in rel.split("/")):
+        raise OSError(errno.ENOENT, "not a plain relative path", rel)
+    return rel
+
+
+class SharedFd:
+    """A file descriptor closed only after its last user is done.
+
+    Worker threads cannot be cancelled: when the trio side stops waiting for
+    one (shutdown, a hung cold tier), the thread may still use the fd later.
+    Closing it under the thread would let a reused number receive its
+    writes, so each thread `hold`s the fd for its run and the owner's
+    `close` only drops the owner's reference."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._refs = 1
+        self._lock = threading.Lock()
+
+    def hold(self) -> int:
+        with self._lock:
+            if self._refs == 0:
+                raise OSError(errno.EBADF, "file already closed")
+            self._refs += 1
+            return self.fd
+
+    def drop(self) -> None:
+        with self._lock:
+            self._refs -= 1
+            last = self._refs == 0
+        if last:
+            os.close(self.fd)
+
+    close = drop
+
+
+def version_of(st: os.stat_result) -> tuple[int, int, int]:
+    """What identifies one content of a cold file: size, mtime, inode (a
+    file replaced by another with the same size and mtime is still seen)."""
+    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 class ColdTier:
@@ -22,87 +110,249 @@ class ColdTier:
 
     def __init__(self, root: str) -> None:
         self.root = os.path.realpath(root)
+        self.root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.dev = os.fstat(self.root_fd).st_dev
+
+    def close(self) -> None:
+        os.close(self.root_fd)
 
     def path(self, rel: str) -> str:
+        """For messages only: never open this."""
         return os.path.join(self.root, rel) if rel else self.root
 
+    def _open(self, rel: str, flags: int) -> int:
+        try:
+            return openat2(self.root_fd, check_rel(rel), flags)
+        except OSError as exc:
+            if exc.errno in (errno.EXDEV, errno.ELOOP):
+                # a mount inside the tree, or a directory swapped for a link:
+                # not part of what the mount shows
+                raise OSError(errno.ENOENT, "not beneath the cold directory", rel) from None
+            raise
+
     def lstat(self, rel: str) -> os.stat_result:
-        return os.lstat(self.path(rel))
+        fd = self._open(rel, os.O_PATH | os.O_NOFOLLOW)
+        try:
+            return os.fstat(fd)
+        finally:
+            os.close(fd)
 
     def exists(self, rel: str) -> bool:
-        return os.path.lexists(self.path(rel))
+        try:
+            self.lstat(rel)
+            return True
+        except OSError:
+            return False
+
+    def visible_lstat(self, rel: str) -> os.stat_result:
+        """lstat rel, hiding links that lead out of the cold directory."""
+        st = self.lstat(rel)
+        if stat.S_ISLNK(st.st_mode) and self.readlink(rel) is None:
+            raise OSError(errno.ENOENT, "link leads outside the cold directory", rel)
+        return st
+
+    def opendir(self, rel: str) -> tuple[int, list[str]]:
+        """A directory fd and the sorted names in it."""
+        fd = self._open(rel, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            return fd, sorted(os.listdir(fd))
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def stat_entries(self, dirfd: int, rel: str,
+                     names: list[str]) -> list[os.stat_result | None]:
+        """lstat each name in the directory open as dirfd (rel); None for what
+        the mount hides: vanished entries, mount points and links that lead
+        outside the cold directory."""
+        dev = os.fstat(dirfd).st_dev
+        out: list[os.stat_result | None] = []
+        for name in names:
+            try:
+                st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+                if st.st_dev != dev or (stat.S_ISLNK(st.st_mode) and self.readlink(
+                        f"{rel}/{name}" if rel else name) is None):
+                    st = None
+            except OSError:
+                st = None
+            out.append(st)
+        return out
 
     def listdir(self, rel: str) -> list[str]:
-        return sorted(os.listdir(self.path(rel)))
-
-    def _inside(self, real: str) -> bool:
-        return real == self.root or real.startswith(self.root + os.sep)
+        fd, names = self.opendir(rel)
+        os.close(fd)
+        return names
 
     def readlink(self, rel: str) -> str | None:
         """The link target as the mount should show it, or None when the link
         leads outside the cold directory (such links are hidden).
 
-        Relative targets that stay inside are shown as they are; absolute
-        targets inside the tree are rewritten relative to the link, so that the
-        kernel resolves them inside the mount, not in the cold directory."""
-        target = os.readlink(self.path(rel))
-        link_dir = os.path.dirname(self.path(rel))
-        real = os.path.realpath(os.path.join(link_dir, target))
-        if not self._inside(real):
-            return None
-        return os.path.relpath(real, link_dir) if os.path.isabs(target) else target
+        Decided on the text alone, never by resolving it (resolving a target
+        that points into the mount itself would deadlock the daemon): a
+        relative target must stay beneath the root; an absolute one must lie
+        under the root and is rewritten relative to the link, so that the
+        kernel resolves it inside the mount."""
+        fd = self._open(rel, os.O_PATH | os.O_NOFOLLOW)
+        try:
+            target = os.readlink("", dir_fd=fd)
+        finally:
+            os.close(fd)
+        link_dir = os.path.dirname(rel)
+        if os.path.isabs(target):
+            if not (target == self.root or target.startswith(self.root.rstrip("/") + "/")):
+                return None
+            inside = os.path.normpath(os.path.relpath(target, self.root))
+            return os.path.relpath(inside, link_dir or ".")
+        inside = os.path.normpath(os.path.join(link_dir, target))
+        return None if inside == ".." or inside.startswith("../") else target
 
-    def open(self, rel: str) -> int:
-        """Open a regular file for reading, refusing anything that a change in
-        the cold tree since the lookup would resolve outside of it."""
-        path = self.path(rel)
-        if not self._inside(os.path.realpath(path)):
-            raise PermissionError(f"{rel} leads outside the cold directory")
-        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    def open(self, rel: str) -> tuple[int, os.stat_result]:
+        """Open a regular file for reading; (fd, its stat). The version comes
+        from the opened file itself, so nothing can change between the check
+        and the open. O_NONBLOCK: a FIFO put in place of the file must not
+        block the daemon; it is refused below."""
+        fd = self._open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.ENXIO, "not a regular file", rel)
+            return fd, st
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def statvfs(self) -> os.statvfs_result:
+        return os.statvfs(self.root)
+
+
+MARKER = ".aattsfs-fast-tier"
+_COPY_NAME = re.compile(r"[0-9a-f]{64}")
+_PART_NAME = re.compile(r"[0-9a-f]{32}\.part")
+XATTR_SOURCE = "user.aatts.source"  # on each copy: what it is a copy of, and its digest
+
+
+def new_digest() -> "xxhash.xxh3_128":
+    return xxhash.xxh3_128()
+
+
+def digest_fd(fd: int, size: int) -> str:
+    """The digest of the first `size` bytes of fd (blocking)."""
+    h = new_digest()
+    off = 0
+    while off < size:
+        buf = os.pread(fd, min(size - off, 4 << 20), off)
+        if not buf:
+            break
+        h.update(buf)
+        off += len(buf)
+    return h.hexdigest() if off == size else ""
+
+
+class FastTierError(Exception):
+    """The fast dir cannot be used; the message says why and what to do."""
 
 
 class FastTier:
-    """A directory holding complete copies of cold files, within a byte budget.
+    """A directory holding complete, verified copies of cold files, within a
+    byte budget.
 
-    Layout: ``data/<relative path>`` holds committed copies, ``tmp/`` the
-    copies being filled. A committed copy carries the cold file's mtime and
-    has its size, so it describes itself: after any crash, a copy is valid iff
-    its size and mtime equal the cold file's (see docs/crash-recovery.md).
+    Layout: a marker file (locked while a daemon uses the directory),
+    ``copies/<sha256 of the path>`` for committed copies, ``partial/`` for
+    copies being filled. Each copy carries the xattr `user.aatts.source`:
+    the cold path, the cold file's size, mtime and inode, and the xxh3-128
+    digest of its bytes, so a copy describes itself and is verified against
+    that digest before it is served after a restart. The daemon deletes only
+    names of those two patterns, and only inside its own directory.
 
     `used` counts committed bytes plus reservations for promotions in flight;
     the store reserves before it writes a single byte, so `used` never goes
     over `budget`.
     """
 
-    def __init__(self, root: str, budget: int) -> None:
+    def __init__(self, root: str, budget: int, owner: dict | None = None) -> None:
         self.root = root
         self.budget = budget
-        self.data = os.path.join(root, "data")
-        self.tmp = os.path.join(root, "tmp")
+        self.data = os.path.join(root, "copies")
+        self.tmp = os.path.join(root, "partial")
         self.used = 0
-        os.makedirs(self.data, exist_ok=True)
-        os.makedirs(self.tmp, exist_ok=True)
+        os.makedirs(root, mode=0o700, exist_ok=True)
+        self._lock_fd = self._claim(owner or {})
+        os.makedirs(self.data, mode=0o700, exist_ok=True)
+        os.makedirs(self.tmp, mode=0o700, exist_ok=True)
+
+    def _claim(self, owner: dict) -> int:
+        """Take the directory for this mount: an empty directory or one this
+        mount made before; refuse anything else."""
+        marker = os.path.join(self.root, MARKER)
+        names = set(os.listdir(self.root))
+        if MARKER not in names and names - {"copies", "partial"}:
+            raise FastTierError(f"fast dir {self.root} holds files aattsfs did not make; give "
+                                "an empty directory (or one aattsfs made) with --fast-dir")
+        fd = os.open(marker, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise FastTierError(f"fast dir {self.root} is in use by another aattsfs "
+                                    "mount; give each mount its own --fast-dir") from None
+            raw = os.pread(fd, 1 << 16, 0)
+            try:
+                before = json.loads(raw) if raw else {}
+            except ValueError:
+                before = {}
+            if before.get("cold") not in (None, owner.get("cold")):
+                raise FastTierError(f"fast dir {self.root} belongs to the mount of "
+                                    f"{before['cold']}; give this mount its own --fast-dir")
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(owner).encode(), 0)
+            try:  # copies describe themselves in xattrs: the fs must keep them
+                os.setxattr(fd, XATTR_SOURCE, b"{}")
+                os.removexattr(fd, XATTR_SOURCE)
+            except OSError as exc:
+                raise FastTierError(f"fast dir {self.root} does not keep extended attributes "
+                                    f"({exc.strerror}), which aattsfs needs to verify its "
+                                    "copies; use a tmpfs or a local ext4/xfs directory") from None
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def close(self) -> None:
+        os.close(self._lock_fd)
 
     @property
     def free(self) -> int:
         return self.budget - self.used
 
-    def path(self, rel: str) -> str:
-        return os.path.join(self.data, rel)
+    @staticmethod
+    def name(rel: str) -> str:
+        return hashlib.sha256(os.fsencode(rel)).hexdigest()
 
-    def scan(self) -> dict[str, os.stat_result]:
-        """Drop partial copies and return what `data/` holds (for recovery)."""
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        os.makedirs(self.tmp, exist_ok=True)
+    def path(self, rel: str) -> str:
+        return os.path.join(self.data, self.name(rel))
+
+    def scan(self) -> dict[str, tuple[os.stat_result, dict]]:
+        """Drop partial copies and unreadable ones; return rel -> (stat,
+        source) for every copy `copies/` holds (for recovery)."""
+        for name in os.listdir(self.tmp):
+            if _PART_NAME.fullmatch(name):
+                self._unlink(os.path.join(self.tmp, name))
         found = {}
-        for dirpath, _dirs, files in os.walk(self.data):
-            for name in files:
-                full = os.path.join(dirpath, name)
+        for name in os.listdir(self.data):
+            full = os.path.join(self.data, name)
+            if not _COPY_NAME.fullmatch(name):
+                log.warning("fast dir: %s is not an aattsfs copy; left alone", full)
+                continue
+            try:
                 st = os.lstat(full)
-                if stat.S_ISREG(st.st_mode):
-                    found[os.path.relpath(full, self.data)] = st
-                else:
-                    os.unlink(full)
+                source = json.loads(os.getxattr(full, XATTR_SOURCE, follow_symlinks=False))
+                rel = source["path"]
+                if not (stat.S_ISREG(st.st_mode) and self.name(rel) == name):
+                    raise ValueError("not the copy its name says")
+                found[rel] = (st, source)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                log.info("fast dir: dropping %s (%s)", name, exc)
+                self._unlink(full)
         return found
 
     def reserve(self, n: int) -> bool:
@@ -119,20 +369,48 @@ class FastTier:
         path = os.path.join(self.tmp, uuid.uuid4().hex + ".part")
         return path, os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
 
-    def commit(self, tmp_path: str, fd: int, rel: str, mtime_ns: int) -> None:
-        """Make a filled temporary copy the valid copy of `rel` (blocking:
-        call from a worker thread). The rename is the commit point."""
+    def commit(self, tmp_path: str, fd: int, rel: str, version: tuple[int, int, int],
+               digest: str) -> os.stat_result:
+        """Make a filled, verified temporary copy the copy of `rel` (blocking:
+        call from a worker thread). The rename is the commit point; returns
+        the stat of the committed copy (its identity while it is served)."""
+        source = {"path": rel,  # json escapes the surrogates of an undecodable name
+                  "size": version[0], "mtime_ns": version[1], "ino": version[2],
+                  "xxh3_128": digest}
+        os.setxattr(fd, XATTR_SOURCE, json.dumps(source).encode())
         os.fsync(fd)
-        os.utime(fd, ns=(mtime_ns, mtime_ns))
-        dest = self.path(rel)
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        os.rename(tmp_path, dest)
+        os.rename(tmp_path, self.path(rel))
+        return os.fstat(fd)
 
-    def remove(self, rel: str) -> None:
+    @staticmethod
+    def _unlink(path: str) -> None:
         try:
-            os.unlink(self.path(rel))
+            os.unlink(path)
         except FileNotFoundError:
             pass
 
+    def remove(self, rel: str) -> None:
+        self._unlink(self.path(rel))
+
     def open(self, rel: str) -> int:
-        return os.open(self.path(rel), os.O_RDONLY | os.O_CLOEXEC)
+        return os.open(self.path(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+    def check(self, rel: str, size: int) -> tuple[os.stat_result, bool]:
+        """Hash the copy of rel (blocking): its stat, and whether its bytes
+        match the digest it carries."""
+        fd = self.open(rel)
+        try:
+            st = os.fstat(fd)
+            source = json.loads(os.getxattr(fd, XATTR_SOURCE))
+            return st, st.st_size == size and digest_fd(fd, size) == source["xxh3_128"]
+        except (ValueError, KeyError, TypeError):
+            return st, False
+        finally:
+            os.close(fd)
+
+
+def same_copy(a: os.stat_result, b: os.stat_result) -> bool:
+    """Whether two stats are of one copy, unmodified in between (any write,
+    truncate, chmod or xattr change moves ctime)."""
+    return (a.st_ino, a.st_dev, a.st_size, a.st_ctime_ns) == \
+        (b.st_ino, b.st_dev, b.st_size, b.st_ctime_ns)

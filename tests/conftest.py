@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from aattsfs.mount import is_mounted
+from aattsfs.tiers import FastTier
 
 MiB = 1 << 20
 PAGE_SLACK = 64 << 10  # tmpfs rounds each file up to whole pages
@@ -107,6 +108,10 @@ class Mount:
 
     def path(self, rel="") -> Path:
         return self.mnt / rel
+
+    def copy(self, rel) -> Path:
+        """Where the fast tier keeps its copy of rel."""
+        return self.fast / "copies" / FastTier.name(rel)
 
     def stats(self) -> dict:
         return json.loads((self.mnt / ".aatts" / "stats").read_bytes())

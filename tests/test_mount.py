@@ -103,7 +103,7 @@ def test_whole_random_and_mmap_reads(cold_tree, mounter):
 def test_control_surface(cold_tree, mounter):
     m = mounter(cold_tree, fast_size="64M")
     assert ".aatts" in os.listdir(m.path())
-    assert sorted(os.listdir(m.path(".aatts"))) == ["stats", "tiers", "trace"]
+    assert sorted(os.listdir(m.path(".aatts"))) == ["stats", "tiers", "trace", "verify"]
     assert sha256(m.path("mid.bin"))
     m.wait_tier("mid.bin")
     with open(m.path("mid.bin"), "rb") as f:
@@ -152,7 +152,7 @@ def test_cold_directory_named_like_control_dir_is_hidden(tmp_path, mounter):
     (cold / ".aatts" / "mine").write_text("user data")
     m = mounter(cold)
     m.expect_log("hidden by the control directory")
-    assert sorted(os.listdir(m.path(".aatts"))) == ["stats", "tiers", "trace"]
+    assert sorted(os.listdir(m.path(".aatts"))) == ["stats", "tiers", "trace", "verify"]
     assert os.listdir(m.path()).count(".aatts") == 1
 
 
@@ -167,8 +167,7 @@ def test_changed_cold_file_is_reread(cold_tree, mounter):
     assert m.stats()["invalidations"] == 1
     m.wait_tier("mid.bin")
     assert sha256(m.path("mid.bin")) == sha256(cold_tree / "mid.bin")
-    fast_copy = m.fast / "data" / "mid.bin"
-    assert fast_copy.read_bytes() == new
+    assert m.copy("mid.bin").read_bytes() == new
 
 
 def _tier_map(m):
@@ -292,17 +291,18 @@ def test_warm_restart_keeps_valid_copies(cold_tree, mounter):
     run_cli("pin", m.path("big.bin"))
     m.stop()
     # a truncated copy, a stale copy and a leftover partial copy
-    with open(m.fast / "data" / "models" / "a" / "weights.bin", "r+b") as f:
+    with open(m.copy("models/a/weights.bin"), "r+b") as f:
         f.truncate(1000)
     write_random(cold_tree / "models" / "b" / "weights.bin", 4 * MiB, 1234)
-    (m.fast / "tmp" / "junk.part").write_bytes(b"x" * 100)
+    junk = m.fast / "partial" / ("0" * 32 + ".part")
+    junk.write_bytes(b"x" * 100)
     m.start()
-    assert m.tier("models/c/weights.bin") == "fast"
-    assert m.tier("mid.bin") == "fast"
-    assert m.tier("big.bin") == "fast"
-    assert m.tier("models/a/weights.bin") == "cold"
+    m.expect_log("fast copy of models/a/weights.bin does not match its digest")
+    for rel in ("models/c/weights.bin", "mid.bin", "big.bin"):
+        m.wait_tier(rel)  # verified first: "verifying" until then
+    m.wait_tier("models/a/weights.bin", "cold")
     assert m.tier("models/b/weights.bin") == "cold"
-    assert not (m.fast / "tmp" / "junk.part").exists()
+    assert not junk.exists()
     expected = 4 * MiB + 3 * MiB + (9 * MiB + 12345)
     assert m.stats()["fast_tier"]["used_bytes"] == expected
     for rel in ("models/a/weights.bin", "models/b/weights.bin", "big.bin"):
@@ -316,8 +316,8 @@ def test_restart_after_crash(cold_tree, mounter):
     time.sleep(1.5)  # let one metadata flush pass, as a long-running daemon would
     m.stop(kill=True)
     m.start()
-    assert m.tier("mid.bin") == "fast"
-    assert m.tier("models/a/weights.bin") == "fast"
+    m.wait_tier("mid.bin")
+    m.wait_tier("models/a/weights.bin")
     assert sha256(m.path("mid.bin")) == sha256(cold_tree / "mid.bin")
 
 
@@ -427,7 +427,7 @@ def test_cold_file_truncated_during_promotion(tmp_path, mounter):
     wait_for(lambda: m.path("moving").read_bytes() == new, timeout=10,
              what="the truncated content through the mount")
     m.wait_tier("moving")
-    assert (m.fast / "data" / "moving").read_bytes() == new
+    assert m.copy("moving").read_bytes() == new
     assert m.stats()["promotions_failed"] == 0
 
 
