@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -152,9 +153,49 @@ class Exporter:
                     self.proc.memory_info().rss)
 
 
+class _Server(ThreadingHTTPServer):
+    """A handler thread per connection, but at most THREADS of them: when all
+    are busy the accept loop waits, and new clients queue in the listen
+    backlog (they are not reset, as they were with the default backlog of 5)
+    until a handler is free. Handlers drop a client silent for `timeout`."""
+    THREADS = 64
+    request_queue_size = 1024  # the listen backlog (the kernel caps it at somaxconn)
+    daemon_threads = True
+
+    def __init__(self, *args) -> None:
+        self._free = threading.BoundedSemaphore(self.THREADS)
+        super().__init__(*args)
+
+    def process_request(self, request, client_address) -> None:
+        self._free.acquire()  # released when the handler thread ends
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: give its place back
+            self._free.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._free.release()
+
+    def handle_error(self, request, client_address) -> None:
+        # instead of socketserver's traceback on stderr: a client that went
+        # away or timed out is its own business; anything else is a bug
+        if isinstance(sys.exc_info()[1], OSError):
+            log.debug("http: %s: %s", client_address[0], sys.exc_info()[1])
+        else:
+            log.exception("http: a request from %s failed", client_address[0])
+
+
 class _Handler(BaseHTTPRequestHandler):
     exporter: Exporter
     registry: CollectorRegistry
+    # Seconds a client may stay silent (before and within its request, or
+    # not reading the reply): an idle or slowloris client is dropped rather
+    # than holding one of the handler threads forever.
+    timeout = 3
     FILES = {"/": ("dashboard.html", "text/html; charset=utf-8"),
              "/chart.umd.js": ("chart.umd.js", "application/javascript")}
 
@@ -197,11 +238,10 @@ def start(store: Store, address: tuple[str, int], mountpoint: str = "") -> Expor
     registry.register(exporter)
     handler = type("Handler", (_Handler,), {"exporter": exporter, "registry": registry})
     try:
-        server = ThreadingHTTPServer(address, handler)
+        server = _Server(address, handler)
     except OSError as exc:
         raise UserError(f"metrics address {address[0]}:{address[1]} cannot be used "
                         f"({exc.strerror}); choose another --metrics-address") from None
-    server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     log.info("metrics on http://%s:%d/metrics, dashboard on http://%s:%d/", *address, *address)
     return exporter

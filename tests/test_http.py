@@ -1,0 +1,90 @@
+"""The metrics/dashboard HTTP server of a real mount: it drops idle
+connections and serves many clients at once without resetting any."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import socket
+import threading
+import time
+from urllib.request import urlopen
+
+import pytest
+
+from test_service import _free_port
+
+
+@pytest.fixture
+def served(cold_tree, mounter):
+    """A mount of cold_tree with its metrics port; returns (mount, base URL)."""
+    port = _free_port()
+    m = mounter(cold_tree, extra=["--metrics-address", f"127.0.0.1:{port}"])
+    return m, f"http://127.0.0.1:{port}"
+
+
+def test_idle_connections_are_closed_by_the_server(served):
+    """...each within a few seconds, by at most 64 handler threads at a time
+    (the rest wait in the listen backlog)."""
+    m, url = served
+    port = int(url.rsplit(":", 1)[1])
+
+    def threads() -> int:
+        return len(os.listdir(f"/proc/{m.proc.pid}/task"))
+
+    before = peak = threads()
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(200)]
+    sel = selectors.DefaultSelector()
+    try:
+        for s in socks:  # connected, and never send a byte
+            sel.register(s, selectors.EVENT_READ)
+        open_ = set(socks)
+        deadline = time.monotonic() + 90  # generous: a few seconds per round of handlers
+        while open_ and time.monotonic() < deadline:
+            peak = max(peak, threads())
+            for key, _ in sel.select(timeout=1):
+                try:
+                    closed = key.fileobj.recv(1) == b""
+                except ConnectionResetError:
+                    closed = True
+                if closed:
+                    sel.unregister(key.fileobj)
+                    open_.discard(key.fileobj)
+        assert not open_, f"{len(open_)} of 200 idle connections still open after 90 s"
+        assert peak - before <= 64 + 8, f"{peak - before} more threads for 200 idle clients"
+        # and the server still answers
+        assert urlopen(f"{url}/metrics", timeout=30).status == 200
+    finally:
+        sel.close()
+        for s in socks:
+            s.close()
+
+
+def test_200_concurrent_clients_all_served(served):
+    m, url = served
+    paths = ["/metrics", "/api/stats", "/"]
+    start = threading.Barrier(200)
+    errors: list[str] = []
+    done = []
+
+    def client(i: int) -> None:
+        start.wait(timeout=60)
+        for j in range(10):
+            path = paths[(i + j) % len(paths)]
+            try:
+                with urlopen(url + path, timeout=120) as r:
+                    r.read()
+                    done.append(r.status)
+            except OSError as exc:
+                errors.append(f"{path}: {exc!r}")
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(200)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 300
+    for t in threads:
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), "clients still running after 300 s"
+    assert not errors, f"{len(errors)} of 2000 requests failed, e.g. {errors[:3]}"
+    assert done == [200] * 2000
+
