@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import sys
 import threading
 import time
@@ -37,6 +38,34 @@ log = logging.getLogger(__name__)
 TIERS = ("fast", "cold")
 STATIC = Path(__file__).parent / "static"
 HOTTEST = 15  # files in the dashboard's table
+
+
+PRIVATE = "(private)"
+
+
+def world_readable(root: str, rel: str, traversable: dict[str, bool]) -> bool:
+    """Could any local user read the cold file `rel` anyway? Only then may the
+    unauthenticated HTTP API name it: every directory from the cold root
+    down must be o+x, the file o+r, and no component a symlink (lstat; a
+    symlink's target could be anywhere). `traversable` caches directories."""
+    def has(path: str, kind, bit: int) -> bool:
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            return False
+        return kind(mode) and bool(mode & bit)
+
+    parts = rel.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        return False  # not a plain path below the root: nothing to vouch for
+    ok = True
+    for i in range(len(parts)):  # the root itself (""), then each directory below
+        d = "/".join(parts[:i])
+        if d not in traversable:
+            traversable[d] = ok and has(os.path.join(root, d) if d else root,
+                                        stat.S_ISDIR, stat.S_IXOTH)
+        ok = traversable[d]
+    return ok and has(os.path.join(root, rel), stat.S_ISREG, stat.S_IROTH)
 
 
 def parse_address(text: str, allow_remote: bool) -> tuple[str, int]:
@@ -88,12 +117,19 @@ class Exporter:
         }
 
     def view(self) -> dict | None:
+        """What /api/stats serves. Paths are checked here, on the HTTP thread:
+        an lstat of a slow cold tier must not stall the trio thread."""
         if self.token is None:
             return None
         try:
-            return trio.from_thread.run_sync(self._view, trio_token=self.token)
+            view = trio.from_thread.run_sync(self._view, trio_token=self.token)
         except trio.RunFinishedError:
             return None
+        traversable: dict[str, bool] = {}  # per directory, for this request only
+        for row in view["hottest"]:
+            if not world_readable(self.store.cold.root, row["path"], traversable):
+                row["path"] = PRIVATE
+        return view
 
     def collect(self):
         if self.token is None:

@@ -39,6 +39,8 @@ def browser():
 def test_dashboard_shows_live_data_matching_the_stats(cold_tree, mounter, browser):
     from test_service import _free_port
     port = _free_port()
+    os.chmod(cold_tree / "big.bin", 0o644)  # any local user may read it: named
+    os.chmod(cold_tree / "mid.bin", 0o640)  # not others: listed as (private)
     m = mounter(cold_tree, fast_size="16M", extra=["--metrics-address", f"127.0.0.1:{port}"])
     files = ["big.bin", "mid.bin", "models/a/weights.bin", "models/b/weights.bin"]
     stop = threading.Event()
@@ -83,6 +85,8 @@ def test_dashboard_shows_live_data_matching_the_stats(cold_tree, mounter, browse
     wait_for(same, what="the page to show what .aatts/stats says")
     assert int(browser.find_element("id", "budget").get_attribute("data-bytes")) == 16 * MiB
     hot = [row.text for row in browser.find_elements("css selector", "#hot tr")]
-    assert any("mid.bin" in row for row in hot) and len(hot) >= len(files)
+    assert any("big.bin" in row for row in hot) and len(hot) >= len(files)
+    assert any("(private)" in row for row in hot)
+    assert not any("mid.bin" in row for row in hot)
     ARTIFACTS.mkdir(exist_ok=True)
     assert browser.save_screenshot(str(ARTIFACTS / "dashboard.png"))

@@ -1,8 +1,10 @@
 """The metrics/dashboard HTTP server of a real mount: it drops idle
-connections and serves many clients at once without resetting any."""
+connections, serves many clients at once without resetting any, and shows
+in /api/stats only the paths any local user could read anyway."""
 
 from __future__ import annotations
 
+import json
 import os
 import selectors
 import socket
@@ -12,6 +14,7 @@ from urllib.request import urlopen
 
 import pytest
 
+from conftest import MiB, wait_for, write_random
 from test_service import _free_port
 
 
@@ -88,3 +91,41 @@ def test_200_concurrent_clients_all_served(served):
     assert not errors, f"{len(errors)} of 2000 requests failed, e.g. {errors[:3]}"
     assert done == [200] * 2000
 
+
+def test_api_stats_hides_paths_other_users_could_not_read(cold_tree, mounter):
+    """A file in a 0700 directory, a file without o+r, and one reached through
+    a directory that became a symlink are listed as '(private)', with their
+    tier, size and opens; a world-readable file by its path."""
+    os.chmod(cold_tree, 0o755)
+    secret = write_random(cold_tree / "secret" / "weights.bin", 1 * MiB + 1, 11)
+    os.chmod(secret.parent, 0o700)
+    own = write_random(cold_tree / "public" / "own.bin", 1 * MiB + 2, 12)
+    os.chmod(own, 0o600)
+    shown = write_random(cold_tree / "public" / "shown.bin", 1 * MiB + 3, 13)
+    moved = write_random(cold_tree / "later-link" / "m.bin", 1 * MiB + 4, 14)
+    for path in (cold_tree / "public", cold_tree / "later-link"):
+        os.chmod(path, 0o755)
+    for path in (secret, shown, moved):
+        os.chmod(path, 0o644)
+    port = _free_port()
+    m = mounter(cold_tree, extra=["--metrics-address", f"127.0.0.1:{port}"])
+    rels = ["secret/weights.bin", "public/own.bin", "public/shown.bin", "later-link/m.bin"]
+    size = {rel: (cold_tree / rel).stat().st_size for rel in rels}  # tells the rows apart
+    for rel in rels:
+        m.path(rel).read_bytes()
+    wait_for(lambda: m.stats()["promotions_in_flight"] == 0, what="promotions to end")
+    # the directory is now a symlink to a public one: its path no longer proves anything
+    os.rename(cold_tree / "later-link", cold_tree / "real")
+    os.symlink("real", cold_tree / "later-link")
+
+    def listed():
+        view = json.loads(urlopen(f"http://127.0.0.1:{port}/api/stats", timeout=30).read())
+        rows = {row["size"]: row for row in view["hottest"]}
+        return rows if all(size[rel] in rows for rel in rels) else None
+
+    rows = wait_for(listed, what="the four files in /api/stats")
+    assert rows[size["public/shown.bin"]]["path"] == "public/shown.bin"
+    for rel in ("secret/weights.bin", "public/own.bin", "later-link/m.bin"):
+        row = rows[size[rel]]
+        assert row["path"] == "(private)", row
+        assert row["opens"] >= 1 and row["tier"] in ("fast", "promoting", "cold")
