@@ -74,7 +74,7 @@ def test_state_dir_unwritable(dirs):
 def test_fast_or_state_dir_inside_cold(dirs):
     proc = run_cli("mount", dirs["cold"], dirs["mnt"], "--fast-dir", dirs["cold"] / "fast",
                    "--fast-size", "16M", check=False)
-    assert_one_line_error(proc, "fast dir", "inside the cold directory")
+    assert_one_line_error(proc, "fast dir", "overlaps the cold directory")
     assert not (dirs["cold"] / "fast").exists()
 
 
