@@ -36,6 +36,8 @@ def render(store: Store, name: str) -> bytes:
     if name == "stats":
         return (json.dumps(store.snapshot(), indent=2) + "\n").encode()
     if name == "trace":
+        # ASCII JSON: a name's undecodable bytes are \udcXX escapes, which
+        # json.loads and os.fsencode turn back into the bytes
         return "".join(json.dumps(ev) + "\n" for ev in store.trace()).encode()
     lines = ["# tier\tsize\thits\tmisses\tpinned\tpath"]
     for rel in sorted(store.entries):
@@ -44,7 +46,8 @@ def render(store: Store, name: str) -> bytes:
         path = rel.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
         lines.append(f"{store.tier(rel)}\t{rec.size}\t{rec.hits}\t{rec.misses}\t"
                      f"{int(rec.pinned)}\t{path}")
-    return ("\n".join(lines) + "\n").encode()
+    # names are the file system's bytes, UTF-8 or not
+    return ("\n".join(lines) + "\n").encode(errors="surrogateescape")
 
 
 def get_xattr(store: Store, rel: str, name: bytes) -> bytes:
