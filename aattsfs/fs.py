@@ -10,6 +10,7 @@ import dataclasses
 import errno
 import functools
 import json
+import math
 import itertools
 import logging
 import os
@@ -26,6 +27,7 @@ from .store import Store, _in_thread
 from .tiers import SharedFd
 
 READDIR_BATCH = 256  # entries lstat'ed per worker-thread call
+STALE_AFTER = 0.5  # seconds getattr waits for the cold tier before answering from memory
 
 
 @dataclasses.dataclass
@@ -68,7 +70,9 @@ class Operations(pyfuse3.Operations):
         self._fh = itertools.count(1)
         self._dirs: dict[int, _Dir] = {}
         self._files: dict[int, object] = {}  # fh -> store Handle, or bytes (control)
-        self._versions: dict[int, tuple[int, int, int]] = {}  # ino -> version at last open
+        self._versions: dict[int, tuple[int, int, int]] = {}
+        self._stats: dict[int, os.stat_result] = {}  # ino -> attributes last seen
+        self._revalidating: dict[int, tuple[int, int, int]] = {}  # ino -> version refused once  # ino -> version at last open
         self._owner = (os.getuid(), os.getgid())
         self._started_ns = time.time_ns()
         self._warned_ro = False
@@ -78,10 +82,11 @@ class Operations(pyfuse3.Operations):
 
     # -- attributes --------------------------------------------------------
 
-    def _attr(self, ino: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
+    def _attr(self, ino: int, st: os.stat_result,
+              timeout: float | None = None) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = ino
-        a.entry_timeout = a.attr_timeout = self.timeout
+        a.entry_timeout = a.attr_timeout = self.timeout if timeout is None else timeout
         for name in ("st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size",
                      "st_blksize", "st_blocks", "st_atime_ns", "st_mtime_ns", "st_ctime_ns"):
             setattr(a, name, getattr(st, name))
@@ -122,8 +127,14 @@ class Operations(pyfuse3.Operations):
         if name in (b".", b".."):
             raise FUSEError(errno.ENOENT)  # the kernel resolves these itself
         rel = self._join(self.ns.path(parent_inode), name)
-        st = await self._cold(self.cold.visible_lstat, rel)
-        return self._attr(self.ns.lookup(rel), st)
+        ino = self.ns.known(rel)
+        if ino is not None and ino in self._stats:
+            st, fresh = await self._fresh_or_known(ino, self.cold.visible_lstat)
+        else:
+            st, fresh = await self._cold(self.cold.visible_lstat, rel), True
+        ino = self.ns.lookup(rel, st.st_ino)
+        self._stats[ino] = st
+        return self._attr(ino, st, timeout=None if fresh else 0)
 
     @_handler
     async def forget(self, inode_list):
@@ -132,12 +143,33 @@ class Operations(pyfuse3.Operations):
                 self.ns.forget(ino, n)
                 if ino not in self.ns:
                     self._versions.pop(ino, None)
+                    self._stats.pop(ino, None)
+                    self._revalidating.pop(ino, None)
 
     @_handler
     async def getattr(self, inode, ctx=None):
         if inode in control.CONTROL_INOS:
             return self._control_attr(inode)
-        return self._attr(inode, await self._cold(self.cold.lstat, self.ns.path(inode)))
+        st, fresh = await self._fresh_or_known(inode, self.cold.lstat)
+        if fresh and self.ns.ident(inode) not in (None, st.st_ino):
+            # The path names another file now; this inode stands for the old
+            # one, which open handles may still read: keep its attributes.
+            st, fresh = self._stats.get(inode, st), False
+        self._stats[inode] = st
+        return self._attr(inode, st, timeout=None if fresh else 0)
+
+    async def _fresh_or_known(self, ino: int, lstat) -> tuple[os.stat_result, bool]:
+        """(attributes, fresh): fresh from the cold tier, or if it does not
+        answer within STALE_AFTER, the last ones seen. A stuck cold tier must
+        not stall every path walk: the kernel asks for the root's attributes
+        on each one, and it serializes the lookups of a directory (pyfuse3
+        cannot ask for parallel directory operations), so one hung lookup
+        would block its whole directory. Names never seen still wait."""
+        known = self._stats.get(ino)
+        with trio.move_on_after(STALE_AFTER if known is not None else math.inf):
+            return await self._cold(lstat, self.ns.path(ino)), True
+        log.debug("cold tier slow: attributes of %s served as last seen", self.ns.path(ino))
+        return known, False
 
     @_handler
     async def readlink(self, inode, ctx):
@@ -179,9 +211,10 @@ class Operations(pyfuse3.Operations):
                     return
                 continue
             rel = self._join(d.rel, name)
-            ino = self.ns.ino(rel)
+            ino = self.ns.ino(rel, attr.st_ino)
             if pyfuse3.readdir_reply(token, name, self._attr(ino, attr), i + 1):
-                self.ns.lookup(rel)
+                self.ns.lookup(rel, attr.st_ino)
+                self._stats[ino] = attr
             else:
                 self.ns.forget(ino, 0)  # drop it again unless the kernel knows it
                 return
@@ -216,12 +249,27 @@ class Operations(pyfuse3.Operations):
             else:
                 self._files[fh] = control.render(self.store, name)
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
-        h = await self.store.open(self.ns.path(inode), ctx.pid)
+        h = await self.store.open(self.ns.path(inode), ctx.pid,
+                                  functools.partial(self._check_version, inode))
+        self._revalidating.pop(inode, None)
         self._files[fh] = h
         # The kernel may keep cached pages only if the file is the one it cached.
         keep = self._versions.get(inode) == h.version
         self._versions[inode] = h.version
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
+
+    def _check_version(self, inode: int, version: tuple[int, int, int]) -> None:
+        """Refuse with ESTALE an open that would serve a file other than the
+        one the kernel caches for this inode (its size, its pages): the
+        kernel then looks the path up again, which refreshes the attributes
+        or gives the new file a new inode, and retries the open once.
+        docs/reliability.md says why."""
+        if self.ns.ident(inode) not in (None, version[2]):
+            raise OSError(errno.ESTALE, "the path names another file now")
+        seen = self._versions.get(inode)
+        if seen is not None and seen != version and self._revalidating.get(inode) != version:
+            self._revalidating[inode] = version
+            raise OSError(errno.ESTALE, "the file changed since the kernel cached it")
 
     @_handler
     async def read(self, fh, off, size):

@@ -495,8 +495,12 @@ def daemonize(cfg: MountConfig, argv: list[str]) -> None:
 
 def unmount(mountpoint: str, lazy: bool = False) -> None:
     mnt = os.path.realpath(mountpoint)
-    if not is_mounted(mnt):
+    fstype = next((t for target, t, _ in reversed(_mount_table()) if target == mnt), None)
+    if fstype is None:
         raise UserError(f"{mountpoint} is not mounted")
+    if fstype != "fuse.aattsfs":  # never unmount what is not ours
+        raise UserError(f"{mountpoint} is a {fstype} mount, not aattsfs; unmount it with "
+                        "umount if that is what you want")
     cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [mnt]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -3,6 +3,12 @@
 An inode lives while the kernel holds a lookup reference to it; `forget`
 drops it at zero. Numbers are handed out from a counter and never reused
 within a mount, so a stale number can never name another file.
+
+One number names one cold *file*, not one path: when a path comes to name
+another file (renamed over, swapped), it gets a new number, and the old one
+lives on until the kernel forgets it. The kernel keeps page cache and
+attributes per number, so two files that once had the same path never share
+cached pages or a cached size.
 """
 
 from __future__ import annotations
@@ -21,18 +27,27 @@ class Namespace:
         self._path = {ROOT: ""}
         self._ino = {"": ROOT}
         self._lookups: dict[int, int] = {}
+        self._ident: dict[int, int] = {}  # ino -> inode number of the cold file
+
+    def ident(self, ino: int) -> int | None:
+        """The cold file's own inode number that `ino` stands for."""
+        return self._ident.get(ino)
 
     def path(self, ino: int) -> str:
         """The relative path of a live inode; KeyError if it is unknown."""
         return self._path[ino]
 
-    def ino(self, rel: str) -> int:
-        """The number for rel, allocated on first use (no lookup counted)."""
+    def ino(self, rel: str, ident: int | None = None) -> int:
+        """The number for rel naming the cold file `ident`, allocated on first
+        use or when rel names another file now (no lookup counted)."""
         ino = self._ino.get(rel)
-        if ino is None:
+        if ino is None or (ident is not None and ino != ROOT
+                           and self._ident.get(ino, ident) != ident):
             ino = next(self._next)
             self._ino[rel] = ino
             self._path[ino] = rel
+        if ident is not None:
+            self._ident[ino] = ident
         return ino
 
     def known(self, rel: str) -> int | None:
@@ -40,9 +55,9 @@ class Namespace:
         ino = self._ino.get(rel)
         return ino if ino in self._lookups else None
 
-    def lookup(self, rel: str) -> int:
+    def lookup(self, rel: str, ident: int | None = None) -> int:
         """The kernel learned of rel: count one reference."""
-        ino = self.ino(rel)
+        ino = self.ino(rel, ident)
         self._lookups[ino] = self._lookups.get(ino, 0) + 1
         return ino
 
@@ -53,6 +68,7 @@ class Namespace:
             return
         self._lookups.pop(ino, None)
         if ino != ROOT:
+            self._ident.pop(ino, None)
             rel = self._path.pop(ino, None)
             if rel is not None and self._ino.get(rel) == ino:
                 del self._ino[rel]

@@ -58,6 +58,7 @@ class Prefetcher:
         self.jobs = jobs
         self._queue: list[tuple[str, ExpectedBy]] = []  # (file, files it must not evict)
         self._wake = trio.Event()
+        self._starting = trio.Lock()
         self._replan = trio.Event()
         self._current: Stream | None = None  # the stream of the latest open
         self._live: OrderedDict[Stream, None] = OrderedDict()
@@ -183,12 +184,15 @@ class Prefetcher:
 
     async def _worker(self) -> None:
         while True:
-            rel, protect = await self._next()
-            try:
-                prom = await self.store.prefetch(rel, protect)
-            except OSError as exc:
-                log.debug("cannot prefetch %s: %s", rel, exc)
-                continue
+            # Promotions start in queue order (the file needed first reserves
+            # its room first), though starting one waits for a cold open.
+            async with self._starting:
+                rel, protect = await self._next()
+                try:
+                    prom = await self.store.prefetch(rel, protect)
+                except OSError as exc:
+                    log.debug("cannot prefetch %s: %s", rel, exc)
+                    continue
             if prom is None:
                 continue
             # A stale prefetch of rel may still be winding down under another

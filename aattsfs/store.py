@@ -219,8 +219,11 @@ class Promotion:
     def _unchanged(self, cold_fd: int) -> bool:
         """Whether the cold path still names the very file that was copied,
         with the content it had (blocking)."""
-        return (version_of(os.fstat(cold_fd)) == self.version
-                and version_of(self.store.cold.lstat(self.rel)) == self.version)
+        try:
+            return (version_of(os.fstat(cold_fd)) == self.version
+                    and version_of(self.store.cold.lstat(self.rel)) == self.version)
+        except FileNotFoundError:  # renamed away, or no longer beneath the root
+            return False
 
     def _verify_and_commit(self, cold_fd: int, tmp_fd: int) -> os.stat_result | None:
         if not self._unchanged(cold_fd):
@@ -618,9 +621,16 @@ class Store:
         e.version = version
         return e, version
 
-    async def _open_cold(self, rel: str) -> tuple[SharedFd, Entry, Version]:
+    async def _open_cold(self, rel: str, check: Callable[[Version], None] | None = None
+                         ) -> tuple[SharedFd, Entry, Version]:
         fd, st = await self.cold_call(self.cold.open, rel)
         cold_fd = SharedFd(fd)
+        if check is not None:
+            try:
+                check(version_of(st))
+            except BaseException:
+                cold_fd.close()
+                raise
         e, version = self._refresh(rel, st)
         return cold_fd, e, version
 
@@ -637,15 +647,21 @@ class Store:
             return None
         if not same_copy(os.fstat(fd), e.copy_stat):
             os.close(fd)
-            log.warning("the fast copy of %s was changed behind aattsfs's back; dropped, "
-                        "never served", rel)
-            self.stats.copies_corrupt += 1
-            self._drop_fast(rel)
+            self._copy_damaged(rel)
             return None
         return fd
 
-    async def open(self, rel: str, pid: int = 0) -> Handle:
-        cold_fd, e, version = await self._open_cold(rel)
+    def _copy_damaged(self, rel: str) -> None:
+        log.warning("the fast copy of %s was changed behind aattsfs's back; dropped, "
+                    "never served", rel)
+        self.stats.copies_corrupt += 1
+        self._drop_fast(rel)
+
+    async def open(self, rel: str, pid: int = 0,
+                   check: Callable[[Version], None] | None = None) -> Handle:
+        """Open rel for reading; `check` may refuse the cold file's version
+        (raising) before anything is counted."""
+        cold_fd, e, version = await self._open_cold(rel, check)
         rec = e.record
         h = Handle(rel, version, e, cold_fd, stream_of(pid))
         h.fast_fd = self._open_fast(rel, e)
@@ -689,7 +705,13 @@ class Store:
         """The bytes, and whether they came without waiting for the cold tier."""
         while True:
             if h.fast_fd is not None:
-                return os.pread(h.fast_fd, size, off), True
+                data = os.pread(h.fast_fd, size, off)
+                # Read, then check: a write to the copy before or during the
+                # read has moved its ctime by now (docs/reliability.md).
+                if same_copy(os.fstat(h.fast_fd), h.entry.copy_stat):
+                    return data, True
+                self._copy_damaged(h.rel)
+                continue
             if not h.tried_promotion and not _active(h.entry.prom) and h.version[0] > 0:
                 h.tried_promotion = True
                 self._start_promotion(h.rel, h.entry, h.version, h.cold_fd)

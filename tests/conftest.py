@@ -13,8 +13,10 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -179,6 +181,16 @@ class BudgetWatch:
     def __exit__(self, *exc) -> None:
         self._done.set()
         self._thread.join()
+
+
+@pytest.fixture
+def open_root():
+    """A directory every user can traverse (tmp_path is root's alone); set up
+    before the mounter, so removed only after its mounts are gone."""
+    d = Path(tempfile.mkdtemp(prefix="aattsfs-test-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -17,8 +17,7 @@ and the bytes verified (run with -s to see them).
 Readers that must reach the daemon open with O_DIRECT (or drop the file's
 pages first): a read served by the kernel's page cache proves little about
 the daemon. Reads through the page cache are exercised too, since that is
-what users do. (An O_DIRECT read that the daemon answers short still goes
-on in the page cache up to the size the kernel believes: see KNOWN_BUGS.)
+what users do.
 
 Mutation check, done by hand on a copy of aattsfs/: a daemon that serves a
 promotion's copy before its chunks are in (short reads, or zeros in a
@@ -50,18 +49,6 @@ FAILED_LOG = r"promotion of .* failed"
 CORRUPT_LOG = r"fast copy of .* does not match its digest"
 CHANGED_LOG = r"fast copy of .* was changed behind aattsfs's back"
 
-# The kernel caches pages and attributes per inode, and the daemon gives a
-# path one inode whatever cold file it names: after a file is replaced,
-# reads may show another version's pages, stop at another version's size,
-# or return zeros past an EOF (test_a_file_replaced_by_rename_* below).
-# True: test_cold_files_change_under_readers counts such reads instead of
-# failing on them (it still fails on any byte that no file at that path
-# ever held there, and on any wrong byte where the daemon itself answers).
-# Set it to False once those xfail tests pass. (A few zeros right after a
-# truncation point can also come from the cold filesystem itself: a read
-# racing ftruncate may see the zeroed tail of the folio holding the new EOF;
-# those would then need accepting.)
-KNOWN_BUGS = True
 
 
 # -- bookkeeping -------------------------------------------------------------
@@ -435,7 +422,7 @@ class Lineage:
         "stale: ...": this file's bytes wherever the daemon answers (below the
         EOF of every content the file had), then bytes of another file
         that path named, or zeros, or fewer bytes: what a kernel cache
-        holding another version's pages or size gives (KNOWN_BUGS);
+        holding another version's pages or size gives (a failure);
         "wrong": anything else."""
         contents = list(self.contents)
         if bytes_in(data, off, contents) and (
@@ -577,8 +564,8 @@ def test_cold_files_change_under_readers(tmp_path, mounter):
     reader gets the bytes of the file its open found (one content, if the
     file was only ever replaced by rename); no read ever returns a byte
     that no file at that path held there; the outside file's bytes never
-    appear. Reads that show the kernel's stale cache of another version
-    (KNOWN_BUGS) are counted."""
+    appear. A read that shows the kernel's cache of another version fails
+    the test."""
     tally = Tally("test_cold_files_change_under_readers")
     rng = random.Random(8086)
     cold, outside = tmp_path / "cold", tmp_path / "outside"
@@ -651,15 +638,15 @@ def test_cold_files_change_under_readers(tmp_path, mounter):
                 stale = ["stale: another version's bytes"]
             if "ok" in verdicts.values():
                 # narrowed by bytes, not by length: a read stopped short by a
-                # stale size (KNOWN_BUGS) says nothing about which file it is
+                # stale size says nothing about which file it is
                 alive = [lin for lin, v in verdicts.items()
                          if v in ("ok", "stale: stopped short of the EOF")]
                 tally.verified(len(data))
             elif stale:
-                # a kernel cache shared by the versions of a path (the xfail tests)
-                if not KNOWN_BUGS:
-                    tally.problem(f"{p} ({where}): read at {off} of {asked} returned "
-                                  f"{len(data)} bytes: {stale[0]} (changes {lo}..{hi})")
+                # another version's pages or size: the kernel cache must
+                # never be shared by two files (namespace.py, fs._check_version)
+                tally.problem(f"{p} ({where}): read at {off} of {asked} returned "
+                              f"{len(data)} bytes: {stale[0]} (changes {lo}..{hi})")
                 tally.note(f"{where} reads {stale[0]}")
                 return
             else:
@@ -961,7 +948,7 @@ def test_damaged_fast_copies_are_never_served(tmp_path, mounter):
         drng = random.Random(41)
         while not stop.wait(drng.uniform(0.05, 0.3)):
             rel = drng.choice(sorted(files))
-            with locks[rel]:  # no handle open on it: see the xfail test below
+            with locks[rel]:  # no handle open on it (test_a_copy_damaged_under_an_open_handle)
                 if m.tier(rel) != "fast":
                     continue  # its copy was dropped and is being made again
                 flip_byte(m.copy(rel), drng.randrange(len(files[rel])))
@@ -1017,10 +1004,6 @@ def test_damaged_fast_copies_are_never_served(tmp_path, mounter):
 
 # -- minimal reproductions of what the tests above found ---------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the kernel page cache of one FUSE inode is shared by every version of a path: "
-    "fs.py gives a path one inode number (namespace.py) whatever cold file it names, so "
-    "a reader of the old file fills pages the new file's readers then get, and back"))
 def test_a_file_replaced_by_rename_keeps_each_reader_on_its_own_version(tmp_path, mounter):
     cold = tmp_path / "cold"
     old = write_random(cold / "f", 3 * MiB, 1).read_bytes()
@@ -1044,10 +1027,6 @@ def test_a_file_replaced_by_rename_keeps_each_reader_on_its_own_version(tmp_path
     assert not wrong, f"wrong bytes for: {wrong}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "an open that finds another cold file than the last one only drops cached pages "
-    "(fs.py Operations.open: keep_cache=False), not the inode's cached attributes: "
-    "until attr_timeout (1 s) passes, reads stop at the old file's size"))
 def test_a_file_replaced_by_rename_with_a_bigger_one_reads_whole(tmp_path, mounter):
     cold = tmp_path / "cold"
     write_random(cold / "f", MiB, 1)
@@ -1061,14 +1040,11 @@ def test_a_file_replaced_by_rename_with_a_bigger_one_reads_whole(tmp_path, mount
     assert got == new
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "store.py Store._read serves an open handle's fast fd with a bare pread: a copy "
-    "damaged after the open is served to that handle until the file is opened again "
-    "(_open_fast checks the copy only at open)"))
 def test_a_copy_damaged_under_an_open_handle_is_not_served(tmp_path, mounter):
     cold = tmp_path / "cold"
     want = write_random(cold / "f", 3 * MiB, 1).read_bytes()
     m = mounter(cold, fast_size="64M", extra=["--no-prefetch"])
+    m.expect_log("changed behind aattsfs's back")
     assert m.path("f").read_bytes() == want
     m.wait_tier("f")
     fd = os.open(m.path("f"), os.O_RDONLY | os.O_DIRECT)
@@ -1079,3 +1055,4 @@ def test_a_copy_damaged_under_an_open_handle_is_not_served(tmp_path, mounter):
     finally:
         os.close(fd)
     assert got == want[2 * MiB:2 * MiB + 4096], "the damaged byte was served"
+    assert m.stats()["copies_corrupt"] == 1

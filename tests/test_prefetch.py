@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -98,8 +99,14 @@ def test_a_stale_prefetch_is_cancelled(cold_tree, mounter):
     for _ in range(2):  # processes "a then big", and "mid" after each
         subprocess.run(["cat", m.path(a), m.path(big)], check=True, stdout=subprocess.DEVNULL)
         subprocess.run(["cat", m.path(mid)], check=True, stdout=subprocess.DEVNULL)
-    for rel in (big, mid):
-        run_cli("evict", m.path(rel))
+
+    def evicted():
+        # staging set off by the last opens may still bring one back: again
+        # until both stay out (no open comes meanwhile to stage anything)
+        run_cli("evict", m.path(big), m.path(mid))
+        time.sleep(0.3)
+        return m.stats()["promotions_in_flight"] == 0 and m.tier(big) == m.tier(mid) == "cold"
+    wait_for(evicted, what="big.bin and mid.bin to stay evicted")
     # this process opens a (so big, then a process opening mid, are expected),
     # then goes elsewhere: big is no longer expected within the budget
     with open(m.path(a), "rb"):

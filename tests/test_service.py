@@ -106,16 +106,6 @@ def test_the_systemd_unit_installs_and_verifies(tmp_path):
     assert out.returncode == 0, out.stderr
 
 
-@pytest.fixture
-def open_root():
-    """A directory every user can traverse (tmp_path is root's alone); set up
-    before the mounter, so removed only after its mounts are gone."""
-    d = Path(tempfile.mkdtemp(prefix="aattsfs-test-"))
-    d.chmod(0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
 def test_only_root_and_the_owner_may_use_the_control_surface(open_root, tmp_path, mounter):
     cold = tmp_path / "cold"
     write_random(cold / "shared.bin", MiB, 1).chmod(0o666)  # the kernel lets anyone try

@@ -102,9 +102,10 @@ def test_trace_is_bounded(tmp_path, monkeypatch):
     import aattsfs.metadata as md
     monkeypatch.setattr(md, "TRACE_CAPACITY", 10)
     m = MetaStore(str(tmp_path / "db"))
+    evs = [{"op": "open", "path": f"f{i}"} for i in range(21)]
     for i in range(3):
-        m.write_batch({}, [{"i": i * 7 + j} for j in range(7)])
-    assert [e["i"] for e in m.events()] == list(range(11, 21))
+        m.write_batch({}, evs[i * 7:i * 7 + 7])
+    assert m.events() == evs[11:]
     m.close()
     assert TRACE_CAPACITY >= 10_000
 
