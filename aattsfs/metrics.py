@@ -189,12 +189,20 @@ class Exporter:
                     self.proc.memory_info().rss)
 
 
+def _hang_up(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed
+
+
 class _Server(ThreadingHTTPServer):
     """A handler thread per connection, but at most THREADS of them: when all
     are busy the accept loop waits, and new clients queue in the listen
     backlog (they are not reset, as they were with the default backlog of 5)
     until a handler is free. Handlers drop a client silent for `timeout`."""
     THREADS = 64
+    CONNECTION_SECONDS = 10  # the longest a connection may last (keep-alive included)
     request_queue_size = 1024  # the listen backlog (the kernel caps it at somaxconn)
     daemon_threads = True
 
@@ -211,9 +219,14 @@ class _Server(ThreadingHTTPServer):
             raise
 
     def process_request_thread(self, request, client_address) -> None:
+        # `timeout` bounds each silence; this bounds the whole connection, so
+        # a client trickling a byte at a time cannot keep a handler either
+        deadline = threading.Timer(self.CONNECTION_SECONDS, _hang_up, (request,))
+        deadline.start()
         try:
             super().process_request_thread(request, client_address)
         finally:
+            deadline.cancel()
             self._free.release()
 
     def handle_error(self, request, client_address) -> None:

@@ -494,13 +494,22 @@ class Store:
             self._nursery = nursery
             nursery.start_soon(self._verify_recovered)
             task_status.started()
+            failing = False
             while True:
                 await trio.sleep(FLUSH_INTERVAL)
                 try:
                     self.flush()
-                except lmdb.Error as exc:
-                    # The metadata only caches what can be re-learned: keep serving.
-                    log.error("writing metadata failed (%s); this batch is lost", exc)
+                except Exception as exc:  # a full disk, a damaged map, a bug
+                    # The metadata only caches what can be re-learned: keep
+                    # serving, and say so once, not every second.
+                    if not failing:
+                        log.error("writing metadata failed (%s); batches are lost until it "
+                                  "works again", exc, exc_info=not isinstance(exc, lmdb.Error))
+                    failing = True
+                else:
+                    if failing:
+                        log.info("writing metadata works again")
+                    failing = False
 
     async def _warm_quietly(self, rel: str) -> None:
         try:

@@ -178,11 +178,6 @@ class ColdTier:
             out.append(st)
         return out
 
-    def listdir(self, rel: str) -> list[str]:
-        fd, names = self.opendir(rel)
-        os.close(fd)
-        return names
-
     def readlink(self, rel: str) -> str | None:
         """The link target as the mount should show it, or None when the link
         leads outside the cold directory (such links are hidden).

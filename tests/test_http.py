@@ -63,6 +63,34 @@ def test_idle_connections_are_closed_by_the_server(served):
             s.close()
 
 
+def test_a_client_trickling_bytes_is_dropped(served):
+    """A byte every second never trips the per-read timeout; the bound on the
+    whole connection still ends it."""
+    m, url = served
+    sock = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=5)
+    try:
+        request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: " + b"a" * 60
+        start, closed = time.monotonic(), False
+        for byte in request:
+            try:
+                sock.sendall(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+            time.sleep(1)
+            if time.monotonic() - start > 40:
+                break
+        if not closed:
+            sock.settimeout(5)
+            try:
+                closed = sock.recv(1) == b""
+            except ConnectionResetError:
+                closed = True
+        assert closed, "the server kept a trickling client"
+    finally:
+        sock.close()
+
+
 def test_200_concurrent_clients_all_served(served):
     m, url = served
     paths = ["/metrics", "/api/stats", "/"]
