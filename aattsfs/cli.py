@@ -228,8 +228,25 @@ def _control_file(mountpoint: str, name: str) -> bytes:
     try:
         with open(path, "rb") as f:
             return f.read()
+    except PermissionError:
+        raise UserError(f"{path} is for the mount's owner only; run this as root") from None
     except OSError:
         raise UserError(f"{mountpoint} is not a live aattsfs mount (cannot read {path})") from None
+
+
+@cli.command()
+@click.argument("mountpoint")
+def verify(mountpoint):
+    """Hash every copy in the fast tier against the digest taken when it was
+    copied; a copy that does not match is dropped (never served) and named
+    here. Exit status 1 if any did not match."""
+    report = json.loads(_control_file(mountpoint, "verify"))
+    click.echo(f"verified {report['checked']} copies ({format_size(report['bytes'])}): "
+               f"{len(report['corrupt'])} did not match")
+    for rel in report["corrupt"]:
+        click.echo(f"dropped (did not match): {rel}")
+    if report["corrupt"]:
+        sys.exit(1)
 
 
 @cli.command()
