@@ -24,7 +24,7 @@ from pyfuse3 import FUSEError
 from . import control
 from .namespace import ROOT, Namespace
 from .store import Store, _in_thread
-from .tiers import SharedFd
+from .tiers import SharedFd, same_copy
 
 READDIR_BATCH = 256  # entries lstat'ed per worker-thread call
 STALE_AFTER = 0.5  # seconds getattr waits for the cold tier before answering from memory
@@ -290,10 +290,11 @@ class Operations(pyfuse3.Operations):
         daemon (--push-page-cache; measured in docs/benchmarks.md). Only an
         inode the kernel knows can receive data."""
         ino = self.ns.known(rel)
-        if ino is None:
-            return
+        e = self.store.entries.get(rel)
+        if ino is None or self.ns.ident(ino) != version[2] or e is None or not e.verified:
+            return  # the kernel's inode stands for another file, or the copy is gone
         try:
-            pushed = await trio.to_thread.run_sync(self._push, ino, rel,
+            pushed = await trio.to_thread.run_sync(self._push, ino, rel, e.copy_stat,
                                                    limiter=self.store.fast_limiter,
                                                    abandon_on_cancel=True)
         except OSError as exc:  # evicted meanwhile, or the kernel forgot the inode
@@ -302,9 +303,11 @@ class Operations(pyfuse3.Operations):
         self.store.stats.pushed_bytes += pushed
         self._versions[ino] = version  # the next open keeps the pushed pages
 
-    def _push(self, ino: int, rel: str) -> int:
+    def _push(self, ino: int, rel: str, copy: os.stat_result) -> int:
         fd = self.store.fast.open(rel)
         try:
+            if not same_copy(os.fstat(fd), copy):
+                return 0  # evicted and made again meanwhile: not the bytes staged
             off = 0
             while chunk := os.pread(fd, 1 << 20, off):
                 pyfuse3.notify_store(ino, off, chunk)

@@ -147,11 +147,31 @@ def _ensure_dir(path: str, what: str, option: str, created: list[str]) -> None:
         if st.st_uid != os.geteuid() or st.st_mode & 0o022:
             raise UserError(f"{what} {path} belongs to another user or others can write to "
                             f"it; give a directory of your own (mode 0700) with {option}")
+        unsafe = _unsafe_ancestor(path)
+        if unsafe:
+            raise UserError(f"{what} {path} lies in {unsafe}, which another user can change "
+                            f"(rename or replace entries in it); choose another with {option}")
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as exc:
         raise UserError(f"{what} {path} is not usable ({exc.strerror}); make it writable "
                         f"or choose another with {option}") from None
+
+
+def _unsafe_ancestor(path: str) -> str | None:
+    """The first directory above path that a user other than us (or root)
+    could rename entries in, so as to swap our directory for another:
+    owned by someone else, or writable by others without the sticky bit
+    (/dev/shm and /tmp are sticky: there only an entry's owner renames it)."""
+    parent = os.path.dirname(path)
+    while True:
+        st = os.stat(parent)
+        if st.st_uid not in (0, os.geteuid()) or (
+                st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
+            return parent
+        if parent == "/":
+            return None
+        parent = os.path.dirname(parent)
 
 
 def _check_dir_arg(path: str, what: str) -> None:

@@ -123,6 +123,19 @@ def test_a_fast_dir_with_foreign_files_or_another_mount_is_refused(cold_tree, tm
     assert not is_mounted(mnt)
 
 
+def test_a_fast_dir_under_another_users_directory_is_refused(cold_tree, open_root):
+    # a local user made the shared parent first (as /dev/shm/aattsfs could be)
+    shared = open_root / "shm" / "aattsfs"
+    shared.mkdir(parents=True)
+    os.chown(shared, NOBODY, NOBODY)
+    mnt = open_root / "mnt"
+    mnt.mkdir()
+    proc = run_cli("mount", cold_tree, mnt, "--fast-dir", shared / "x", "--fast-size", "16M",
+                   "--state-dir", open_root / "state", check=False)
+    one_line_error(proc, "another user can change", "--fast-dir")
+    assert not is_mounted(mnt) and not (shared / "x").exists()
+
+
 def test_only_its_own_copies_are_ever_deleted(cold_tree, mounter):
     m = mounter(cold_tree, fast_size="64M")
     run_cli("warm", m.path("mid.bin"))
@@ -325,11 +338,13 @@ def test_a_hung_cold_tier_stalls_only_what_needs_it(bindfs_cold, mounter):
     expected = (real / "fast.bin").read_bytes()
     f = open(m.path("fast.bin"), "rb")
     assert "dir" in os.listdir(m.path())  # names seen before the tier hangs
+    slow = open(m.path("slow.bin"), "rb", buffering=0)
     hung = []
     try:
         bindfs.send_signal(signal.SIGSTOP)
         for target in (lambda: os.listdir(m.path("dir")),
-                       lambda: m.path("slow.bin").read_bytes()):
+                       lambda: m.path("slow.bin").read_bytes(),
+                       lambda: slow.read(4096)):  # a promotion stuck in its first chunk
             t = threading.Thread(target=lambda fn=target: _swallow(fn), daemon=True)
             t.start()
             hung.append(t)
@@ -341,7 +356,8 @@ def test_a_hung_cold_tier_stalls_only_what_needs_it(bindfs_cold, mounter):
         reader.join(timeout=20)
         assert not reader.is_alive(), "a fast-tier read waited for the hung cold tier"
         assert os.pread(f.fileno(), 6 * MiB, 0) == expected
-        assert m.stats()["opens"]["fast"] >= 1  # the control surface answers too
+        stats = m.stats()  # the control surface answers too
+        assert stats["opens"]["fast"] >= 1 and stats["promotions_in_flight"] == 1
         m.proc.send_signal(signal.SIGTERM)
         m.proc.wait(timeout=15)  # shutdown does not wait for the hung threads
         lock = os.open(m.state / "lock", os.O_RDWR)
@@ -354,6 +370,7 @@ def test_a_hung_cold_tier_stalls_only_what_needs_it(bindfs_cold, mounter):
         bindfs.send_signal(signal.SIGCONT)
         for t in hung:
             t.join(timeout=20)
+        slow.close()
 
 
 def _swallow(fn):
