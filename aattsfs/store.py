@@ -376,6 +376,7 @@ class Store:
         self._nursery: trio.Nursery | None = None
         self._dirty: set[str] = set()
         self._events: list[dict] = []  # trace events not yet in LMDB
+        self._recovered: list[str] = []  # copies found at start, to verify
         # Access events for the prefetcher: the read path never waits on them.
         self.events_out, self.events_in = trio.open_memory_channel(EVENT_BUFFER)
 
@@ -393,13 +394,15 @@ class Store:
         here: the mount comes up at once). Each is counted in the budget but
         served only once `run` has checked it against the cold file and its
         digest (docs/crash-recovery.md)."""
-        self._recovered: list[tuple[str, dict]] = []
         for rel, (fst, source) in self.fast.scan().items():
             e = self._entry(rel)
             e.fast_bytes = fst.st_size
             e.copy_stat = fst
             self.fast.used += fst.st_size
-            self._recovered.append((rel, source))
+            # what the copy says it is a copy of: an open of another version
+            # drops it at once, the same version waits for the check below
+            e.version = tuple(source.get(k) for k in ("size", "mtime_ns", "ino"))
+            self._recovered.append(rel)
         for rel, e in self.entries.items():
             if e.record.tier == "fast" and not e.fast_bytes:
                 e.record.tier = "cold"
@@ -411,7 +414,7 @@ class Store:
             if not self._make_room(0, partial=True):
                 log.warning("pinned files hold %d bytes, more than the budget of %d; "
                             "unpin some or raise --fast-size", self.fast.used, self.fast.budget)
-        self._recovered.sort(key=lambda rs: -self.entries[rs[0]].record.last_access)
+        self._recovered.sort(key=lambda rel: -self.entries[rel].record.last_access)
         log.info("fast tier: %d copies found (%d bytes), to be verified before use",
                  len(self._recovered), self.fast.used)
 
@@ -419,16 +422,16 @@ class Store:
         """Check every copy found at start, most recently used first; then
         bring pinned files back."""
         kept = dropped = 0
-        for rel, source in self._recovered:
+        for rel in self._recovered:
             e = self.entries.get(rel)
             if e is None or not e.fast_bytes or e.verified:
                 continue  # evicted or replaced meanwhile
+            expected = e.version
             try:
                 fd, st = await self.cold_call(self.cold.open, rel)
                 os.close(fd)
-                expected = (source["size"], source["mtime_ns"], source["ino"])
                 ok = version_of(st) == expected and await self._copy_matches(rel, e)
-            except (OSError, KeyError, TypeError) as exc:
+            except OSError as exc:
                 log.debug("copy of %s not kept: %s", rel, exc)
                 ok = False
             e = self.entries.get(rel)
@@ -436,7 +439,6 @@ class Store:
                 continue
             if ok:
                 e.verified = True
-                e.version = expected
                 e.record.size, e.record.mtime_ns = expected[:2]
                 e.record.tier = "fast"
                 kept += 1
