@@ -24,7 +24,14 @@ from pyfuse3 import FUSEError
 from . import control
 from .namespace import ROOT, Namespace
 from .store import Store, _in_thread
-from .tiers import SharedFd, same_copy
+from .tiers import SharedFd, same_copy, version_of
+
+def ident_of(st: os.stat_result) -> tuple[int, int]:
+    """What one inode number of the mount stands for: a cold file *as it
+    is* (its inode and ctime: a change in place, or a freed inode number
+    the cold filesystem gives to a new file, makes another), or a directory."""
+    return st.st_ino, st.st_ctime_ns if stat.S_ISREG(st.st_mode) else 0
+
 
 READDIR_BATCH = 256  # entries lstat'ed per worker-thread call
 STALE_AFTER = 0.5  # seconds getattr waits for the cold tier before answering from memory
@@ -72,7 +79,6 @@ class Operations(pyfuse3.Operations):
         self._files: dict[int, object] = {}  # fh -> store Handle, or bytes (control)
         self._versions: dict[int, tuple[int, int, int]] = {}
         self._stats: dict[int, os.stat_result] = {}  # ino -> attributes last seen
-        self._revalidating: dict[int, tuple[int, int, int]] = {}  # ino -> version refused once  # ino -> version at last open
         self._owner = (os.getuid(), os.getgid())
         self._started_ns = time.time_ns()
         self._warned_ro = False
@@ -132,7 +138,7 @@ class Operations(pyfuse3.Operations):
             st, fresh = await self._fresh_or_known(ino, self.cold.visible_lstat)
         else:
             st, fresh = await self._cold(self.cold.visible_lstat, rel), True
-        ino = self.ns.lookup(rel, st.st_ino)
+        ino = self.ns.lookup(rel, ident_of(st))
         self._stats[ino] = st
         return self._attr(ino, st, timeout=None if fresh else 0)
 
@@ -144,14 +150,13 @@ class Operations(pyfuse3.Operations):
                 if ino not in self.ns:
                     self._versions.pop(ino, None)
                     self._stats.pop(ino, None)
-                    self._revalidating.pop(ino, None)
 
     @_handler
     async def getattr(self, inode, ctx=None):
         if inode in control.CONTROL_INOS:
             return self._control_attr(inode)
         st, fresh = await self._fresh_or_known(inode, self.cold.lstat)
-        if fresh and self.ns.ident(inode) not in (None, st.st_ino):
+        if fresh and self.ns.ident(inode) not in (None, ident_of(st)):
             # The path names another file now; this inode stands for the old
             # one, which open handles may still read: keep its attributes.
             st, fresh = self._stats.get(inode, st), False
@@ -211,9 +216,9 @@ class Operations(pyfuse3.Operations):
                     return
                 continue
             rel = self._join(d.rel, name)
-            ino = self.ns.ino(rel, attr.st_ino)
+            ino = self.ns.ino(rel, ident_of(attr))
             if pyfuse3.readdir_reply(token, name, self._attr(ino, attr), i + 1):
-                self.ns.lookup(rel, attr.st_ino)
+                self.ns.lookup(rel, ident_of(attr))
                 self._stats[ino] = attr
             else:
                 self.ns.forget(ino, 0)  # drop it again unless the kernel knows it
@@ -251,25 +256,21 @@ class Operations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
         h = await self.store.open(self.ns.path(inode), ctx.pid,
                                   functools.partial(self._check_version, inode))
-        self._revalidating.pop(inode, None)
         self._files[fh] = h
         # The kernel may keep cached pages only if the file is the one it cached.
         keep = self._versions.get(inode) == h.version
         self._versions[inode] = h.version
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
 
-    def _check_version(self, inode: int, version: tuple[int, int, int]) -> None:
-        """Refuse with ESTALE an open that would serve a file other than the
-        one the kernel caches for this inode (its size, its pages): the
-        kernel then looks the path up again, which refreshes the attributes
-        or gives the new file a new inode, and retries the open once.
-        docs/reliability.md says why."""
-        if self.ns.ident(inode) not in (None, version[2]):
-            raise OSError(errno.ESTALE, "the path names another file now")
-        seen = self._versions.get(inode)
-        if seen is not None and seen != version and self._revalidating.get(inode) != version:
-            self._revalidating[inode] = version
-            raise OSError(errno.ESTALE, "the file changed since the kernel cached it")
+    def _check_version(self, inode: int, st: os.stat_result) -> None:
+        """Refuse with ESTALE an open that finds a file other than the one
+        this inode stands for (another file, or this one changed since):
+        the kernel then looks the path up again, which gives the file as it
+        is now a new inode with fresh attributes, and retries the open once.
+        So the kernel never shows one file's cached pages or size for
+        another's bytes (docs/reliability.md)."""
+        if self.ns.ident(inode) not in (None, ident_of(st)):
+            raise OSError(errno.ESTALE, "the path names another file, or a changed one")
 
     @_handler
     async def read(self, fh, off, size):
@@ -291,7 +292,8 @@ class Operations(pyfuse3.Operations):
         inode the kernel knows can receive data."""
         ino = self.ns.known(rel)
         e = self.store.entries.get(rel)
-        if ino is None or self.ns.ident(ino) != version[2] or e is None or not e.verified:
+        known = self._stats.get(ino) if ino is not None else None
+        if known is None or version_of(known) != version or e is None or not e.verified:
             return  # the kernel's inode stands for another file, or the copy is gone
         try:
             pushed = await trio.to_thread.run_sync(self._push, ino, rel, e.copy_stat,

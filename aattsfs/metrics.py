@@ -208,7 +208,10 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, *args) -> None:
         self._free = threading.BoundedSemaphore(self.THREADS)
+        self._lock = threading.Lock()
+        self._deadlines: dict[socket.socket, float] = {}
         super().__init__(*args)
+        threading.Thread(target=self._watchdog, name="metrics-deadlines", daemon=True).start()
 
     def process_request(self, request, client_address) -> None:
         self._free.acquire()  # released when the handler thread ends
@@ -219,15 +222,26 @@ class _Server(ThreadingHTTPServer):
             raise
 
     def process_request_thread(self, request, client_address) -> None:
-        # `timeout` bounds each silence; this bounds the whole connection, so
-        # a client trickling a byte at a time cannot keep a handler either
-        deadline = threading.Timer(self.CONNECTION_SECONDS, _hang_up, (request,))
-        deadline.start()
+        # `timeout` bounds each silence; the deadline bounds the whole
+        # connection, so a client trickling a byte at a time cannot keep a
+        # handler either (one watchdog thread for all connections)
+        with self._lock:
+            self._deadlines[request] = time.monotonic() + self.CONNECTION_SECONDS
         try:
             super().process_request_thread(request, client_address)
         finally:
-            deadline.cancel()
+            with self._lock:
+                del self._deadlines[request]
             self._free.release()
+
+    def _watchdog(self) -> None:
+        while True:
+            time.sleep(1)
+            now = time.monotonic()
+            with self._lock:
+                late = [sock for sock, end in self._deadlines.items() if end < now]
+            for sock in late:
+                _hang_up(sock)
 
     def handle_error(self, request, client_address) -> None:
         # instead of socketserver's traceback on stderr: a client that went

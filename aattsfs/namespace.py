@@ -4,9 +4,9 @@ An inode lives while the kernel holds a lookup reference to it; `forget`
 drops it at zero. Numbers are handed out from a counter and never reused
 within a mount, so a stale number can never name another file.
 
-One number names one cold *file*, not one path: when a path comes to name
-another file (renamed over, swapped), it gets a new number, and the old one
-lives on until the kernel forgets it. The kernel keeps page cache and
+One number names one cold *file as it is*, not one path: when a path comes
+to name another file (renamed over, swapped, or changed in place), it gets a
+new number, and the old one lives on until the kernel forgets it. The kernel keeps page cache and
 attributes per number, so two files that once had the same path never share
 cached pages or a cached size.
 """
@@ -14,6 +14,7 @@ cached pages or a cached size.
 from __future__ import annotations
 
 import itertools
+from typing import Hashable
 
 import pyfuse3
 
@@ -27,17 +28,17 @@ class Namespace:
         self._path = {ROOT: ""}
         self._ino = {"": ROOT}
         self._lookups: dict[int, int] = {}
-        self._ident: dict[int, int] = {}  # ino -> inode number of the cold file
+        self._ident: dict[int, Hashable] = {}  # ino -> what it stands for (fs.ident_of)
 
-    def ident(self, ino: int) -> int | None:
-        """The cold file's own inode number that `ino` stands for."""
+    def ident(self, ino: int) -> Hashable | None:
+        """What `ino` stands for in the cold tree (given by the caller)."""
         return self._ident.get(ino)
 
     def path(self, ino: int) -> str:
         """The relative path of a live inode; KeyError if it is unknown."""
         return self._path[ino]
 
-    def ino(self, rel: str, ident: int | None = None) -> int:
+    def ino(self, rel: str, ident: Hashable | None = None) -> int:
         """The number for rel naming the cold file `ident`, allocated on first
         use or when rel names another file now (no lookup counted)."""
         ino = self._ino.get(rel)
@@ -55,7 +56,7 @@ class Namespace:
         ino = self._ino.get(rel)
         return ino if ino in self._lookups else None
 
-    def lookup(self, rel: str, ident: int | None = None) -> int:
+    def lookup(self, rel: str, ident: Hashable | None = None) -> int:
         """The kernel learned of rel: count one reference."""
         ino = self.ino(rel, ident)
         self._lookups[ino] = self._lookups.get(ino, 0) + 1

@@ -632,13 +632,13 @@ class Store:
         e.version = version
         return e, version
 
-    async def _open_cold(self, rel: str, check: Callable[[Version], None] | None = None
+    async def _open_cold(self, rel: str, check: Callable[[os.stat_result], None] | None = None
                          ) -> tuple[SharedFd, Entry, Version]:
         fd, st = await self.cold_call(self.cold.open, rel)
         cold_fd = SharedFd(fd)
         if check is not None:
             try:
-                check(version_of(st))
+                check(st)
             except BaseException:
                 cold_fd.close()
                 raise
@@ -669,9 +669,9 @@ class Store:
         self._drop_fast(rel)
 
     async def open(self, rel: str, pid: int = 0,
-                   check: Callable[[Version], None] | None = None) -> Handle:
-        """Open rel for reading; `check` may refuse the cold file's version
-        (raising) before anything is counted."""
+                   check: Callable[[os.stat_result], None] | None = None) -> Handle:
+        """Open rel for reading; `check` may refuse the cold file opened (its
+        stat; by raising) before anything is counted."""
         cold_fd, e, version = await self._open_cold(rel, check)
         rec = e.record
         h = Handle(rel, version, e, cold_fd, stream_of(pid))

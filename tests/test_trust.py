@@ -278,6 +278,27 @@ print(reads, leaked)
     assert (cold / "mine" / "secret.bin").read_bytes() == mine
 
 
+def test_a_reused_inode_number_never_shows_the_old_files_size(tmp_path, mounter):
+    """The cold filesystem reuses a freed inode number at once (ext4 does):
+    a file put in place under the number of the one the kernel still caches
+    must not be read with the old file's size or pages."""
+    cold = tmp_path / "cold"
+    write_random(cold / "f", 3 * MiB, 1)
+    m = mounter(cold, extra=["--no-prefetch"])
+    old = os.stat(cold / "f").st_ino
+    assert os.stat(m.path("f")).st_size == 3 * MiB  # the kernel caches it now
+    os.rename(write_random(cold / "small", MiB, 2), cold / "f")  # frees the number
+    for i in range(20):
+        new = write_random(cold / f"c{i}", 5 * MiB, 3 + i)
+        if os.stat(new).st_ino == old:
+            break
+    else:
+        pytest.skip("this filesystem did not reuse the inode number")
+    os.rename(new, cold / "f")
+    # within the kernel's entry timeout: the open goes to the cached inode
+    assert m.path("f").read_bytes() == (cold / "f").read_bytes()
+
+
 # -- 5. hangs ---------------------------------------------------------------
 
 def _ls(path, *args) -> subprocess.CompletedProcess:
