@@ -380,18 +380,29 @@ def test_a_hung_cold_tier_stalls_only_what_needs_it(bindfs_cold, mounter):
         stats = m.stats()  # the control surface answers too
         assert stats["opens"]["fast"] >= 1 and stats["promotions_in_flight"] == 1
         m.proc.send_signal(signal.SIGTERM)
-        m.proc.wait(timeout=15)  # shutdown does not wait for the hung threads
-        lock = os.open(m.state / "lock", os.O_RDWR)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the state lock is free
-        finally:
-            os.close(lock)
+        # Shutdown does not wait for the hung threads: the mount is gone and
+        # the state lock free at once. (The process itself may linger until
+        # the cold tier answers: a FUSE request the stopped bindfs had read
+        # already holds its thread in the kernel, uninterruptibly.)
+        wait_for(lambda: not is_mounted(m.mnt) and _lock_free(m.state / "lock"),
+                 timeout=15, what="the unmount and the state lock")
     finally:
         f.close()
         bindfs.send_signal(signal.SIGCONT)
         for t in hung:
             t.join(timeout=20)
         slow.close()
+
+
+def _lock_free(path: Path) -> bool:
+    lock = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(lock)
 
 
 def _swallow(fn):
