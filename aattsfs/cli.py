@@ -347,7 +347,15 @@ def _act(paths, name: bytes, value: bytes, verb: str):
     from .mount import aattsfs_mount_of
 
     for path in paths:  # never set an xattr on a file outside a mount
-        if os.path.lexists(path) and aattsfs_mount_of(path) is None:
+        try:
+            os.lstat(path)
+        except OSError as exc:
+            if exc.errno == errno.ENOTCONN:
+                raise UserError(f"{path} is on an aattsfs mount whose daemon died; clean it "
+                                f"up with 'aattsfs umount {aattsfs_mount_of(path)}' and mount "
+                                "again") from None
+            continue  # reported as missing below
+        if aattsfs_mount_of(path) is None:
             raise UserError(f"{path} is not on an aattsfs mount")
     files = [(p, os.path.getsize(p)) for p in _files(paths) if not os.path.islink(p)]
     files = [(p, n) for p, n in files if n]
@@ -432,6 +440,8 @@ def sim(trace_file, budget, policies, predictor, prefetch, as_json):
         requests = read_trace(trace_file)
     except ValueError as exc:
         raise UserError(f"{trace_file.name}: {exc}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {trace_file.name}: {exc.strerror}") from None
     if not requests:
         raise UserError(f"{trace_file.name} holds no open events")
     if not any(r.size for r in requests):  # no byte to cache: every ratio is 0/0

@@ -53,7 +53,7 @@ FLUSH_INTERVAL = 1.0
 EVENT_BUFFER = 10_000  # access events waiting for the prefetcher; more are dropped
 MAX_RANGES = 256  # read ranges recorded per open; the rest are counted, not listed
 
-Version = tuple[int, int, int]  # size, mtime_ns, inode (tiers.version_of)
+Version = tuple[int, int, int, int]  # size, mtime_ns, inode, ctime_ns (tiers.version_of)
 
 
 def _copy_range(src: int, dst: int, off: int, length: int) -> tuple[int, str]:
@@ -401,7 +401,7 @@ class Store:
             self.fast.used += fst.st_size
             # what the copy says it is a copy of: an open of another version
             # drops it at once, the same version waits for the check below
-            e.version = tuple(source.get(k) for k in ("size", "mtime_ns", "ino"))
+            e.version = tuple(source.get(k) for k in ("size", "mtime_ns", "ino", "ctime_ns"))
             self._recovered.append(rel)
         for rel, e in self.entries.items():
             if e.record.tier == "fast" and not e.fast_bytes:
@@ -619,7 +619,7 @@ class Store:
         version = version_of(st)
         e = self._entry(rel)
         rec = e.record
-        known = e.version or (rec.size, rec.mtime_ns, version[2])
+        known = e.version or (rec.size, rec.mtime_ns, *version[2:])
         if known != version:
             if e.fast_bytes:
                 log.info("%s changed in the cold tier; its fast copy is dropped", rel)

@@ -33,7 +33,8 @@ import xxhash
 log = logging.getLogger(__name__)
 
 _SYS_OPENAT2 = 437  # the same number on x86_64 and aarch64
-_RESOLVE = 0x01 | 0x02 | 0x04 | 0x08  # NO_XDEV, NO_MAGICLINKS, NO_SYMLINKS, BENEATH
+_NO_XDEV, _NO_MAGICLINKS, _NO_SYMLINKS, _BENEATH = 0x01, 0x02, 0x04, 0x08
+_RESOLVE = _NO_XDEV | _NO_MAGICLINKS | _NO_SYMLINKS | _BENEATH
 
 
 class _OpenHow(ctypes.Structure):
@@ -45,11 +46,11 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 
-def openat2(dirfd: int, path: str, flags: int) -> int:
-    """openat2(2) beneath `dirfd`, never following a symlink or crossing a
-    mount; raises OSError like os.open (EXDEV/ELOOP when something tried to
-    lead elsewhere)."""
-    how = _OpenHow(flags | os.O_CLOEXEC, 0, _RESOLVE)
+def openat2(dirfd: int, path: str, flags: int, resolve: int = _RESOLVE) -> int:
+    """openat2(2) beneath `dirfd`, by default never following a symlink or
+    crossing a mount; raises OSError like os.open (EXDEV/ELOOP when
+    something tried to lead elsewhere)."""
+    how = _OpenHow(flags | os.O_CLOEXEC, 0, resolve)
     while True:
         fd = _libc.syscall(_SYS_OPENAT2, dirfd, os.fsencode(path or "."), ctypes.byref(how),
                            ctypes.sizeof(how))
@@ -99,10 +100,13 @@ class SharedFd:
     close = drop
 
 
-def version_of(st: os.stat_result) -> tuple[int, int, int]:
-    """What identifies one content of a cold file: size, mtime, inode (a
-    file replaced by another with the same size and mtime is still seen)."""
-    return st.st_size, st.st_mtime_ns, st.st_ino
+def version_of(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What identifies one content of a cold file: size, mtime, inode and
+    ctime. mtime can be set by anyone who writes the file (`cp -p`, `touch
+    -r`, `rsync -t`) and a freed inode number is given to the next new file
+    at once (ext4); ctime cannot be set, and moves with every write, rename
+    and utime, so a file replaced or rewritten is always seen."""
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
 
 
 class ColdTier:
@@ -165,13 +169,18 @@ class ColdTier:
         """lstat each name in the directory open as dirfd (rel); None for what
         the mount hides: vanished entries, mount points and links that lead
         outside the cold directory."""
-        dev = os.fstat(dirfd).st_dev
         out: list[os.stat_result | None] = []
         for name in names:
             try:
-                st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
-                if st.st_dev != dev or (stat.S_ISLNK(st.st_mode) and self.readlink(
-                        f"{rel}/{name}" if rel else name) is None):
+                # not a plain fstatat: that would ask a mount on the entry
+                # (hung, perhaps) for its attributes; this fails first (EXDEV)
+                fd = openat2(dirfd, name, os.O_PATH | os.O_NOFOLLOW)
+                try:
+                    st = os.fstat(fd)
+                finally:
+                    os.close(fd)
+                if stat.S_ISLNK(st.st_mode) and self.readlink(
+                        f"{rel}/{name}" if rel else name) is None:
                     st = None
             except OSError:
                 st = None
@@ -182,11 +191,13 @@ class ColdTier:
         """The link target as the mount should show it, or None when the link
         leads outside the cold directory (such links are hidden).
 
-        Decided on the text alone, never by resolving it (resolving a target
-        that points into the mount itself would deadlock the daemon): a
-        relative target must stay beneath the root; an absolute one must lie
-        under the root and is rewritten relative to the link, so that the
-        kernel resolves it inside the mount."""
+        Relative targets are shown as they are; absolute ones under the root
+        are rewritten relative to the link, so that the kernel resolves them
+        inside the mount. Whether a target stays inside is decided the way
+        the kernel will follow it (links within it included: `up -> .` makes
+        `up/../x` leave the root), by resolving it beneath the root with
+        openat2, never by following it freely: a target that points into the
+        mount itself would deadlock the daemon."""
         fd = self._open(rel, os.O_PATH | os.O_NOFOLLOW)
         try:
             target = os.readlink("", dir_fd=fd)
@@ -196,10 +207,21 @@ class ColdTier:
         if os.path.isabs(target):
             if not (target == self.root or target.startswith(self.root.rstrip("/") + "/")):
                 return None
-            inside = os.path.normpath(os.path.relpath(target, self.root))
-            return os.path.relpath(inside, link_dir or ".")
-        inside = os.path.normpath(os.path.join(link_dir, target))
-        return None if inside == ".." or inside.startswith("../") else target
+            walk = os.path.relpath(os.path.normpath(target), self.root)
+            shown = os.path.relpath(walk, link_dir or ".")
+        else:
+            walk, shown = os.path.join(link_dir, target), target
+        try:
+            os.close(openat2(self.root_fd, walk, os.O_PATH,
+                             _BENEATH | _NO_MAGICLINKS | _NO_XDEV))
+            return shown
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                return None  # EXDEV: it leaves the root or enters a mount; ELOOP
+        # Dangling: shown only if it cannot climb, whatever appears later.
+        inside = os.path.normpath(walk)
+        climbs = ".." in target.split("/") or inside == ".." or inside.startswith("../")
+        return None if climbs else shown
 
     def open(self, rel: str) -> tuple[int, os.stat_result]:
         """Open a regular file for reading; (fd, its stat). The version comes
@@ -270,8 +292,12 @@ class FastTier:
         self.data = os.path.join(root, "copies")
         self.tmp = os.path.join(root, "partial")
         self.used = 0
-        os.makedirs(root, mode=0o700, exist_ok=True)
-        self._lock_fd = self._claim(owner or {})
+        try:
+            os.makedirs(root, mode=0o700, exist_ok=True)
+            self._lock_fd = self._claim(owner or {})
+        except OSError as exc:
+            raise FastTierError(f"fast dir {root} cannot be used ({exc.strerror}: "
+                                f"{exc.filename}); give another with --fast-dir") from None
         os.makedirs(self.data, mode=0o700, exist_ok=True)
         os.makedirs(self.tmp, mode=0o700, exist_ok=True)
 
@@ -280,7 +306,17 @@ class FastTier:
         mount made before; refuse anything else."""
         marker = os.path.join(self.root, MARKER)
         names = set(os.listdir(self.root))
-        if MARKER not in names and names - {"copies", "partial"}:
+        ours = MARKER in names
+        # lost+found: the fast dir may be the root of a filesystem of its own
+        foreign = set() if ours else names - {"copies", "partial", "lost+found"}
+        for name in names & {"copies", "partial"}:
+            path = os.path.join(self.root, name)
+            if not stat.S_ISDIR(os.lstat(path).st_mode):  # a link would lead elsewhere
+                raise FastTierError(f"fast dir {self.root}: {name} is not a directory; give "
+                                    "an empty directory (or one aattsfs made) with --fast-dir")
+            if not ours and os.listdir(path):
+                foreign.add(name)
+        if foreign:
             raise FastTierError(f"fast dir {self.root} holds files aattsfs did not make; give "
                                 "an empty directory (or one aattsfs made) with --fast-dir")
         fd = os.open(marker, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -364,13 +400,14 @@ class FastTier:
         path = os.path.join(self.tmp, uuid.uuid4().hex + ".part")
         return path, os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
 
-    def commit(self, tmp_path: str, fd: int, rel: str, version: tuple[int, int, int],
+    def commit(self, tmp_path: str, fd: int, rel: str, version: tuple[int, int, int, int],
                digest: str) -> os.stat_result:
         """Make a filled, verified temporary copy the copy of `rel` (blocking:
         call from a worker thread). The rename is the commit point; returns
         the stat of the committed copy (its identity while it is served)."""
         source = {"path": rel,  # json escapes the surrogates of an undecodable name
                   "size": version[0], "mtime_ns": version[1], "ino": version[2],
+                  "ctime_ns": version[3],
                   "xxh3_128": digest}
         os.setxattr(fd, XATTR_SOURCE, json.dumps(source).encode())
         os.fsync(fd)

@@ -299,6 +299,72 @@ def test_a_reused_inode_number_never_shows_the_old_files_size(tmp_path, mounter)
     assert m.path("f").read_bytes() == (cold / "f").read_bytes()
 
 
+def test_a_replacement_with_the_old_mtime_and_a_reused_inode_is_seen(tmp_path, mounter):
+    """`cp -p`, `rsync -t` and `tar x` carry the old mtime over; ext4 gives
+    the freed inode number to the next file: size, mtime and inode all
+    equal, the content not. The fast copy must not be served, live or
+    after a restart."""
+    cold = tmp_path / "cold"
+    path = write_random(cold / "w.bin", 2 * MiB, 1)
+    st = path.stat()
+    m = mounter(cold, fast_size="16M")
+    run_cli("warm", m.path("w.bin"))
+
+    def replace(seed: int) -> None:
+        for attempt in range(20):  # until the cold fs reuses the number
+            new = write_random(cold / f"n{seed}-{attempt}", 2 * MiB, seed * 100 + attempt)
+            os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns))
+            os.rename(new, path)
+            if path.stat().st_ino == st.st_ino:
+                return
+        pytest.skip("this filesystem did not reuse the inode number")
+
+    replace(2)
+    assert m.path("w.bin").read_bytes() == path.read_bytes()
+    m.wait_tier("w.bin")
+    m.stop()
+    replace(3)
+    m.start()
+    assert m.path("w.bin").read_bytes() == path.read_bytes()
+
+
+def test_a_link_climbing_through_a_link_to_its_own_directory_is_hidden(tmp_path, mounter):
+    cold = tmp_path / "cold"
+    write_random(cold / "d" / "f", 100, 1)
+    (tmp_path / "outside.txt").write_text("outside\n")
+    os.symlink(".", cold / "up")
+    os.symlink("up/../outside.txt", cold / "y")  # ".." of the root: outside
+    os.symlink("up/up/up/../../../../etc/hostname", cold / "z")
+    os.symlink("up/d/f", cold / "fine")
+    m = mounter(cold)
+    names = set(os.listdir(m.path()))
+    assert "y" not in names and "z" not in names
+    assert not os.path.lexists(m.path("y")) and not os.path.lexists(m.path("z"))
+    assert m.path("fine").read_bytes() == (cold / "d" / "f").read_bytes()
+
+
+@pytest.mark.parametrize("how", ["symlink", "foreign-files"])
+def test_a_fast_dir_whose_copies_are_not_its_own_is_refused(cold_tree, tmp_path, how):
+    victim = tmp_path / "victim"
+    for i in range(3):  # hash-named files, as in a Hugging Face blobs/ directory
+        (victim / f"{i:064x}").parent.mkdir(exist_ok=True)
+        (victim / f"{i:064x}").write_bytes(b"blob")
+    fast = tmp_path / "fast"
+    fast.mkdir()
+    if how == "symlink":
+        os.symlink(victim, fast / "copies")
+    else:
+        shutil.copytree(victim, fast / "copies")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    before = manifest(tmp_path / "victim"), manifest(fast)
+    proc = run_cli("mount", cold_tree, mnt, "--fast-dir", fast, "--fast-size", "16M",
+                   "--state-dir", tmp_path / "state", check=False)
+    one_line_error(proc, "fast dir")
+    assert (manifest(tmp_path / "victim"), manifest(fast)) == before
+    assert not is_mounted(mnt)
+
+
 # -- 5. hangs ---------------------------------------------------------------
 
 def _ls(path, *args) -> subprocess.CompletedProcess:
@@ -410,6 +476,31 @@ def _swallow(fn):
         fn()
     except OSError:
         pass
+
+
+def test_a_hung_mount_inside_the_cold_tree_stalls_nothing(bindfs_cold, tmp_path, mounter):
+    real, view, bindfs = bindfs_cold  # here: a filesystem mounted inside the cold tree
+    cold = tmp_path / "cold"
+    write_random(cold / "sub" / "a.txt", 1000, 1)
+    (cold / "sub" / "m").mkdir()
+    subprocess.run(["mount", "--bind", str(view), str(cold / "sub" / "m")], check=True)
+    try:
+        m = mounter(cold)
+        assert os.listdir(m.path("sub")) == ["a.txt"]
+        bindfs.send_signal(signal.SIGSTOP)
+        try:
+            done = []
+            t = threading.Thread(target=lambda: done.append(
+                (sorted(os.listdir(m.path("sub"))), m.path("sub/a.txt").read_bytes())),
+                daemon=True)
+            t.start()
+            t.join(timeout=20)
+            assert done == [(["a.txt"], (cold / "sub" / "a.txt").read_bytes())], \
+                "listing next to a hung mount waited for it"
+        finally:
+            bindfs.send_signal(signal.SIGCONT)
+    finally:
+        subprocess.run(["umount", "-l", str(cold / "sub" / "m")], check=False)
 
 
 # -- 7. a fast copy changed behind the daemon's back ------------------------
