@@ -23,7 +23,7 @@ from pyfuse3 import FUSEError
 
 from . import control
 from .namespace import ROOT, Namespace
-from .store import Store, _in_thread
+from .store import Store, in_thread
 from .tiers import SharedFd, same_copy, version_of
 
 def ident_of(st: os.stat_result) -> tuple[int, int]:
@@ -206,7 +206,7 @@ class Operations(pyfuse3.Operations):
         for i in range(start_id, len(d.names)):
             if i >= len(d.attrs):  # lstat the next batch, off the trio thread
                 batch = [os.fsdecode(n) for n in d.names[i:i + READDIR_BATCH]]
-                d.attrs += await self._cold(_in_thread(self.cold.stat_entries, d.rel, batch,
+                d.attrs += await self._cold(in_thread(self.cold.stat_entries, d.rel, batch,
                                                        fds=(d.fd,)))
             name, attr = d.names[i], d.attrs[i]
             if attr is None:

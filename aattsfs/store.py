@@ -96,7 +96,7 @@ def new_digest_of(buf: bytes) -> str:
     return h.hexdigest()
 
 
-def _in_thread(fn: Callable, *args, fds: tuple[SharedFd, ...] = ()):
+def in_thread(fn: Callable, *args, fds: tuple[SharedFd, ...] = ()):
     """fn(*fd numbers of `fds`, *args) for a worker thread; each fd stays
     open until the thread is done with it, even if nobody waits any more."""
     nums = []
@@ -171,7 +171,7 @@ class Promotion:
         length = min(CHUNK, self.size - off)
         try:
             n, digest = await self.store.cold_call(
-                _in_thread(_copy_range, off, length, fds=(self.cold_fd, self.tmp_fd)))
+                in_thread(_copy_range, off, length, fds=(self.cold_fd, self.tmp_fd)))
             self.store.stats.cold_bytes_read += n
             if n != length:
                 log.info("%s shrank while being promoted; copy discarded", self.rel)
@@ -252,7 +252,7 @@ class Promotion:
                 if self._alive():
                     self.committing = True
                     self.copy_stat = await self.store.cold_call(
-                        _in_thread(self._verify_and_commit, fds=(self.cold_fd, self.tmp_fd)))
+                        in_thread(self._verify_and_commit, fds=(self.cold_fd, self.tmp_fd)))
                     if self.copy_stat is None:
                         self.cancel()
                     else:
@@ -383,7 +383,7 @@ class Store:
     async def cold_call(self, fn: Callable, *args):
         """fn(*args) in a cold-tier worker thread. Abandoned when cancelled:
         a hung cold tier must not hold up shutdown (threads given fds hold
-        them through `_in_thread`)."""
+        them through `in_thread`)."""
         return await trio.to_thread.run_sync(fn, *args, limiter=self.io_limiter,
                                              abandon_on_cancel=True)
 
@@ -734,7 +734,7 @@ class Store:
                 if h.prom is prom:  # ended without moving this handle
                     h.prom = None
                 continue
-            data = await self.cold_call(_in_thread(os.pread, size, off, fds=(h.cold_fd,)))
+            data = await self.cold_call(in_thread(os.pread, size, off, fds=(h.cold_fd,)))
             self.stats.cold_bytes_read += len(data)
             return data, False
 

@@ -382,7 +382,10 @@ def test_unchanged_files_stay_in_the_kernel_page_cache(cold_tree, mounter):
     subprocess.run(reader, check=True)  # a fresh process: served by the page cache
     after = m.stats()
     assert after["opens"]["fast"] == before["opens"]["fast"] + 1
-    assert after["bytes_served"] == before["bytes_served"]
+    # none of the 3 MiB is read again but for a few pages that memory
+    # pressure from the rest of the suite may reclaim (seen once in CI: 3)
+    assert after["bytes_served"]["cold"] == before["bytes_served"]["cold"]
+    assert after["bytes_served"]["fast"] - before["bytes_served"]["fast"] <= 64 << 10
 
 
 def test_metadata_records_the_open_sequence(cold_tree, mounter):
