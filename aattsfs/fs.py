@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 import errno
 import functools
-import json
-import math
 import itertools
+import json
 import logging
+import math
 import os
 import stat
 import time
@@ -26,15 +26,17 @@ from .namespace import ROOT, Namespace
 from .store import Store, in_thread
 from .tiers import SharedFd, same_copy, version_of
 
+log = logging.getLogger(__name__)
+
+READDIR_BATCH = 256  # entries lstat'ed per worker-thread call
+STALE_AFTER = 0.5  # seconds getattr waits for the cold tier before answering from memory
+
+
 def ident_of(st: os.stat_result) -> tuple[int, int]:
     """What one inode number of the mount stands for: a cold file *as it
     is* (its inode and ctime: a change in place, or a freed inode number
     the cold filesystem gives to a new file, makes another), or a directory."""
     return st.st_ino, st.st_ctime_ns if stat.S_ISREG(st.st_mode) else 0
-
-
-READDIR_BATCH = 256  # entries lstat'ed per worker-thread call
-STALE_AFTER = 0.5  # seconds getattr waits for the cold tier before answering from memory
 
 
 @dataclasses.dataclass
@@ -44,8 +46,6 @@ class _Dir:
     fd: SharedFd | None
     names: list[bytes]
     attrs: list = dataclasses.field(default_factory=list)
-
-log = logging.getLogger(__name__)
 
 
 def _handler(fn):
@@ -77,7 +77,7 @@ class Operations(pyfuse3.Operations):
         self._fh = itertools.count(1)
         self._dirs: dict[int, _Dir] = {}
         self._files: dict[int, object] = {}  # fh -> store Handle, or bytes (control)
-        self._versions: dict[int, tuple[int, int, int]] = {}
+        self._versions: dict[int, tuple] = {}  # ino -> version at last open (page cache)
         self._stats: dict[int, os.stat_result] = {}  # ino -> attributes last seen
         self._owner = (os.getuid(), os.getgid())
         self._started_ns = time.time_ns()
@@ -285,7 +285,7 @@ class Operations(pyfuse3.Operations):
         if not isinstance(h, bytes):
             self.store.release(h)
 
-    async def push_to_page_cache(self, rel: str, version: tuple[int, int, int]) -> None:
+    async def push_to_page_cache(self, rel: str, version: tuple) -> None:
         """Copy a file just staged into the kernel page cache of its inode,
         so that the next process's reads and mmap faults never reach the
         daemon (--push-page-cache; measured in docs/benchmarks.md). Only an

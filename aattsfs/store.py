@@ -44,7 +44,8 @@ import trio
 from .metadata import FileRecord, MetaStore
 from .procs import Stream, stream_of
 from .policy import EvictionPolicy, choose_victims
-from .tiers import ColdTier, FastTier, SharedFd, digest_fd, new_digest, same_copy, version_of
+from .tiers import (ColdTier, FastTier, SharedFd, digest_of, new_digest, same_copy,
+                    version_of)
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +85,10 @@ def _verify_copy(fd: int, size: int, chunk_digests: list[str]) -> str | None:
     for idx, expected in enumerate(chunk_digests):
         off = idx * CHUNK
         buf = os.pread(fd, min(CHUNK, size - off), off)
-        if new_digest_of(buf) != expected:
+        if digest_of(buf) != expected:
             return None
         whole.update(buf)
     return whole.hexdigest()
-
-
-def new_digest_of(buf: bytes) -> str:
-    h = new_digest()
-    h.update(buf)
-    return h.hexdigest()
 
 
 def in_thread(fn: Callable, *args, fds: tuple[SharedFd, ...] = ()):

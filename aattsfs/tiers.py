@@ -252,6 +252,10 @@ def new_digest() -> "xxhash.xxh3_128":
     return xxhash.xxh3_128()
 
 
+def digest_of(buf: bytes) -> str:
+    return xxhash.xxh3_128_hexdigest(buf)
+
+
 def digest_fd(fd: int, size: int) -> str:
     """The digest of the first `size` bytes of fd (blocking)."""
     h = new_digest()
