@@ -98,6 +98,22 @@ class Tally:
                 self.problem(f"{fn.__name__} raised {exc!r}")
         return threading.Thread(target=run, name=f"{self.name}-{fn.__name__}", daemon=True)
 
+    @staticmethod
+    def run(threads: list[threading.Thread], seconds: float, stop: threading.Event) -> None:
+        """Run the threads for `seconds` (the length of the run, not a wait
+        for a result), then stop them; none may hang."""
+        for t in threads:
+            t.start()
+        time.sleep(seconds)
+        stop.set()
+        Tally.join(threads)
+
+    @staticmethod
+    def join(threads: list[threading.Thread]) -> None:
+        for t in threads:
+            t.join(timeout=60)
+            assert not t.is_alive(), f"{t.name} hung"
+
     def check(self) -> None:
         assert not self.problems, f"{self.name}:\n" + "\n".join(self.problems)
 
@@ -236,6 +252,27 @@ def remount_reads_back(m, files: dict[str, bytes], tally: Tally, rng: random.Ran
         read_checked(m.path(rel), want, tally, rng, direct=False, shuffled=False, what=rel)
 
 
+def random_files(cold: Path, names: list[str], low: int, high: int, rng: random.Random,
+                 seed: int) -> dict[str, bytes]:
+    """Files of random sizes in [low, high) plus up to a page, random bytes."""
+    files = {}
+    for i, rel in enumerate(names):
+        size = rng.randrange(low, high) + rng.randrange(4096)
+        files[rel] = write_random(cold / rel, size, seed + i).read_bytes()
+    return files
+
+
+def untouched_and_reads_back(m, cold: Path, before: dict, files: dict[str, bytes],
+                             tally: Tally, rng: random.Random) -> None:
+    """The end of a fault test: the cold tree is as the test left it, and
+    after a remount every file reads back right."""
+    m.stop()
+    assert manifest(cold) == before
+    remount_reads_back(m, files, tally, rng)
+    tally.check()
+    tally.summary()
+
+
 def flip_byte(path: Path, off: int) -> None:
     """Damage a file behind everybody's back: one byte inverted, the mtime
     put back as it was."""
@@ -321,11 +358,7 @@ def test_fast_filesystem_fills_at_random_points(tmp_path, mounter, fast_tmpfs):
     tally = Tally("test_fast_filesystem_fills_at_random_points")
     rng = random.Random(20240611)
     cold = tmp_path / "cold"
-    files = {}
-    for i in range(6):
-        rel = f"w{i}.bin"
-        size = rng.randrange(3 * MiB, 20 * MiB) + rng.randrange(4096)
-        files[rel] = write_random(cold / rel, size, 7000 + i).read_bytes()
+    files = random_files(cold, [f"w{i}.bin" for i in range(6)], 3 * MiB, 20 * MiB, rng, 7000)
     before = manifest(cold)
     fast = fast_tmpfs(72 * MiB)  # the budget must fit at mount time...
     m = mounter(cold, fast_size="64M", fast=fast)
@@ -362,13 +395,7 @@ def test_fast_filesystem_fills_at_random_points(tmp_path, mounter, fast_tmpfs):
                 tally.problem(f"{rel} ({how}): {exc!r}: a full fast tier must not fail reads")
 
     threads = [tally.thread(filler)] + [tally.thread(reader, i) for i in range(3)]
-    for t in threads:
-        t.start()
-    time.sleep(4.0)  # the length of the run, not a wait for a result
-    stop.set()
-    for t in threads:
-        t.join(timeout=60)
-        assert not t.is_alive(), f"{t.name} hung"
+    tally.run(threads, 4.0, stop)
     tally.check()
     s = m.stats()
     assert s["promotions_nospace"] > 0, "the fast filesystem never filled: the test tested nothing"
@@ -389,11 +416,7 @@ def test_fast_filesystem_fills_at_random_points(tmp_path, mounter, fast_tmpfs):
     wait_for(lambda: settled(m), what="the fast tier to settle")
     copies_match_cold(m, cold)
     tally.check()
-    m.stop()
-    assert manifest(cold) == before
-    remount_reads_back(m, files, tally, rng)
-    tally.check()
-    tally.summary()
+    untouched_and_reads_back(m, cold, before, files, tally, rng)
 
 
 # -- cold files change under readers ----------------------------------------
@@ -666,13 +689,7 @@ def test_cold_files_change_under_readers(tmp_path, mounter):
                 off += len(data)
 
     threads = [tally.thread(mutator)] + [tally.thread(reader, i) for i in range(4)]
-    for t in threads:
-        t.start()
-    time.sleep(4.0)  # the length of the run
-    stop.set()
-    for t in threads:
-        t.join(timeout=60)
-        assert not t.is_alive(), f"{t.name} hung"
+    tally.run(threads, 4.0, stop)
     tally.check()
     allowed = {"ENOENT", "EIO", "ESTALE", "EINVAL", "ELOOP"}
     odd = {k for k in tally.errors if k.split(":")[1] not in allowed}
@@ -792,13 +809,7 @@ def test_directory_swapped_for_a_link_outside(tmp_path, mounter):
 
     threads = ([tally.thread(swapper), tally.thread(lister)]
                + [tally.thread(reader, i) for i in range(3)])
-    for t in threads:
-        t.start()
-    time.sleep(3.0)  # the length of the run
-    stop.set()
-    for t in threads:
-        t.join(timeout=60)
-        assert not t.is_alive(), f"{t.name} hung"
+    tally.run(threads, 3.0, stop)
     if swaps[0] % 2:
         exchange(cold / "d", cold / "dl")
     tally.check()
@@ -827,11 +838,8 @@ def test_kill_9_during_promotions(tmp_path, mounter, fast_tmpfs):
     tally = Tally("test_kill_9_during_promotions")
     rng = random.Random(1999)
     cold = tmp_path / "cold"
-    files = {}
-    for i in range(8):
-        rel = f"m{i // 3}/s{i}.bin"
-        size = rng.randrange(2 * MiB, 12 * MiB) + rng.randrange(4096)
-        files[rel] = write_random(cold / rel, size, 3000 + i).read_bytes()
+    files = random_files(cold, [f"m{i // 3}/s{i}.bin" for i in range(8)], 2 * MiB, 12 * MiB,
+                         rng, 3000)
     before = manifest(cold)
     m = mounter(cold, fast_size="64M", fast=fast_tmpfs(80 * MiB))
     for cycle in range(5):
@@ -879,9 +887,7 @@ def test_kill_9_during_promotions(tmp_path, mounter, fast_tmpfs):
         m.stop(kill=True)
         tally.fault("kill-during-promotion")
         stop.set()
-        for t in threads:
-            t.join(timeout=60)
-            assert not t.is_alive(), f"{t.name} hung"
+        tally.join(threads)
         tally.check()
         left = set(os.listdir(m.fast / "partial"))
         tally.note("partial_copies_left_by_kills", len(left))
@@ -898,11 +904,7 @@ def test_kill_9_during_promotions(tmp_path, mounter, fast_tmpfs):
             read_checked(m.path(rel), want, tally, crng, direct=True, shuffled=True, what=rel)
         tally.check()
     m.stats()
-    m.stop()
-    assert manifest(cold) == before
-    remount_reads_back(m, files, tally, rng)
-    tally.check()
-    tally.summary()
+    untouched_and_reads_back(m, cold, before, files, tally, rng)
 
 
 # -- fast copies damaged behind the daemon's back ------------------------------
@@ -959,13 +961,7 @@ def test_damaged_fast_copies_are_never_served(tmp_path, mounter):
                              shuffled=True, what=rel)
 
     threads = [tally.thread(damager)] + [tally.thread(reader, i) for i in range(2)]
-    for t in threads:
-        t.start()
-    time.sleep(3.0)  # the length of the run
-    stop.set()
-    for t in threads:
-        t.join(timeout=60)
-        assert not t.is_alive(), f"{t.name} hung"
+    tally.run(threads, 3.0, stop)
     tally.check()
     assert damaged >= 5
     assert m.stats()["copies_corrupt"] == damaged
@@ -995,11 +991,7 @@ def test_damaged_fast_copies_are_never_served(tmp_path, mounter):
     wait_for(lambda: settled(m), what="the fast tier to settle")
     promote_all()
     copies_match_cold(m, cold)
-    m.stop()
-    assert manifest(cold) == before
-    remount_reads_back(m, files, tally, rng)
-    tally.check()
-    tally.summary()
+    untouched_and_reads_back(m, cold, before, files, tally, rng)
 
 
 # -- minimal reproductions of what the tests above found ---------------------

@@ -23,7 +23,7 @@ import lmdb
 import pytest
 from conftest import sha256, wait_for, write_random
 
-from aattsfs.metadata import FileRecord, MetaStore
+from aattsfs.metadata import TRACE_CAPACITY, FileRecord, MetaStore
 
 # What the first mount opens: records and trace events to damage afterwards.
 FILES = ["mid.bin", "models/a/weights.bin", "models/b/weights.bin",
@@ -311,6 +311,7 @@ def test_trace_ring_stays_bounded_whatever_its_keys(tmp_path, monkeypatch):
     for i in range(3):
         m.write_batch({}, evs[i * 7:i * 7 + 7])
     assert m.events() == evs[11:21]
+    assert TRACE_CAPACITY >= 10_000  # the real ring (imported before the patch) is large
     with m.env.begin(write=True) as txn:  # a damaged key, far ahead of the others
         txn.put(b"\x7f" + bytes(7), json.dumps(evs[0]).encode(), db=m._trace)
     m.write_batch({}, evs[21:])

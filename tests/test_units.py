@@ -7,7 +7,7 @@ import lmdb
 import pytest
 
 from aattsfs.errors import UserError
-from aattsfs.metadata import TRACE_CAPACITY, FileRecord, MetaStore
+from aattsfs.metadata import FileRecord, MetaStore
 from aattsfs.namespace import FIRST_DYNAMIC, ROOT, Namespace
 from aattsfs.policy import LFUPolicy, LRUPolicy
 from aattsfs.tiers import ColdTier, FastTier
@@ -96,18 +96,6 @@ def test_metadata_schema_1_is_upgraded_in_place(tmp_path):
     with m.env.begin() as txn:
         assert txn.get(b"trans") is None  # the old counts database is gone
     m.close()
-
-
-def test_trace_is_bounded(tmp_path, monkeypatch):
-    import aattsfs.metadata as md
-    monkeypatch.setattr(md, "TRACE_CAPACITY", 10)
-    m = MetaStore(str(tmp_path / "db"))
-    evs = [{"op": "open", "path": f"f{i}"} for i in range(21)]
-    for i in range(3):
-        m.write_batch({}, evs[i * 7:i * 7 + 7])
-    assert m.events() == evs[11:]
-    m.close()
-    assert TRACE_CAPACITY >= 10_000
 
 
 def test_corrupt_metadata_is_moved_aside(tmp_path, caplog):
