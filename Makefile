@@ -5,8 +5,14 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-# The stamp changes name whenever the dependency list does: a re-install then.
-STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | sha1sum | cut -c1-12)
+# FUSE passthrough needs libfuse 3.17+: LIBFUSE=build (the default) builds it
+# into build/libfuse, with a pyfuse3 linked to it, when the system's is older;
+# LIBFUSE=system uses the system's as it is (docs/passthrough.md).
+LIBFUSE ?= build
+LIBFUSE_PREFIX := $(CURDIR)/build/libfuse
+# The stamp changes name whenever an input of the install does: a re-install then.
+STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml aattsfs/_passthrough.c \
+            scripts/build-libfuse.sh | sha1sum | cut -c1-12)-$(LIBFUSE)
 
 .PHONY: demo test bench bench-quick bench-deps install system-deps venv clean
 
@@ -28,10 +34,13 @@ $(CHARTJS): scripts/vendor_chartjs.py
 system-deps:
 	@scripts/install-system-deps.sh
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml aattsfs/_passthrough.c scripts/build-libfuse.sh
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
-	$(PY) -m pip install -q -e '.[dev]' 2>&1 | grep -v "is ignored" || true
+	@if [ "$(LIBFUSE)" = build ]; then scripts/build-libfuse.sh $(LIBFUSE_PREFIX) $(VENV); \
+	 elif [ "$(LIBFUSE)" != system ]; then echo "aattsfs: error: LIBFUSE must be 'build' or 'system'" >&2; exit 2; fi
+	CFLAGS="$$([ "$(LIBFUSE)" = build ] && [ -d $(LIBFUSE_PREFIX)/include ] && echo -I$(LIBFUSE_PREFIX)/include)" \
+	  $(PY) -m pip install -q -e '.[dev]' 2>&1 | grep -v "is ignored" || true
 	@$(PY) -c "import aattsfs, pyfuse3, torch, transformers" || { echo "aattsfs: error: the Python install failed; see the pip output above" >&2; exit 2; }
 	@rm -f $(VENV)/.installed-*
 	@touch $@

@@ -17,6 +17,7 @@ from click.core import ParameterSource
 
 from .control import CONTROL_NAME, XATTR_PINNED, XATTR_TIER
 from .errors import UserError
+from .passthrough import MODES as PASSTHROUGH_MODES
 from .policy import POLICIES
 from .predict import PREDICTORS
 from .tracegen import PATTERNS, write_trace
@@ -74,6 +75,10 @@ def cli():
 @click.option("--push-page-cache", is_flag=True,
               help="Also copy each staged file into the kernel page cache (RAM used twice; "
               "see docs/prediction.md).")
+@click.option("--passthrough", type=click.Choice(PASSTHROUGH_MODES), default="auto",
+              show_default=True, help="Let the kernel read promoted files from the fast "
+              "tier itself (Linux 6.9+, libfuse 3.17+, root); auto: when possible, saying "
+              "why not otherwise. See docs/passthrough.md.")
 @click.option("--metrics-address", metavar="HOST:PORT",
               help="Serve Prometheus metrics there, e.g. 127.0.0.1:9464 [default: off].")
 @click.option("--metrics-allow-remote", is_flag=True,
@@ -292,6 +297,10 @@ def status(mountpoint, as_json):
     hit = f"{fast_opens / opens:.2f}" if fast_opens is not None and opens else "-"
     ft = s.get("fast_tier") if isinstance(s, dict) else None
     policy = ft.get("policy") if isinstance(ft, dict) else None
+    pt = s.get("passthrough") if isinstance(s, dict) else None
+    pt = pt if isinstance(pt, dict) else {}
+    pt_state = "?" if "active" not in pt else "on" if pt["active"] is True else \
+        f"off ({pt.get('reason') or '?'})"
     rows = [
         ("fast tier", f"{size('fast_tier', 'used_bytes')} of {size('fast_tier', 'budget_bytes')} "
                       f"({use}), {count('fast_tier', 'files')} files, "
@@ -301,7 +310,10 @@ def status(mountpoint, as_json):
         ("reads", f"{text(both('reads'))} ({count('reads', 'fast')} fast, "
                   f"{count('reads', 'cold')} cold)"),
         ("bytes served", f"{size('bytes_served', 'fast')} fast, "
-                         f"{size('bytes_served', 'cold')} cold"),
+                         f"{size('bytes_served', 'cold')} cold (passthrough reads not seen)"),
+        ("passthrough", f"{pt_state}; {count('passthrough', 'opens')} opens of "
+                        f"{size('passthrough', 'opened_bytes')}, "
+                        f"{count('passthrough', 'backing_files')} backing files"),
         ("cold bytes read", size("cold_bytes_read")),
         ("prefetched", f"{count('prefetch', 'prefetches')} files "
                        f"({size('prefetch', 'prefetched_bytes')}): "

@@ -6,6 +6,7 @@ FUSEError can escape it (anything else would end pyfuse3's main loop).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -21,7 +22,7 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
-from . import control
+from . import control, passthrough
 from .namespace import ROOT, Namespace
 from .store import Store, in_thread
 from .tiers import SharedFd, same_copy, version_of
@@ -77,6 +78,8 @@ class Operations(pyfuse3.Operations):
         self._fh = itertools.count(1)
         self._dirs: dict[int, _Dir] = {}
         self._files: dict[int, object] = {}  # fh -> store Handle, or bytes (control)
+        self._inos: dict[int, int] = {}  # fh -> inode, of the files' handles
+        self.modes = passthrough.OpenModes()  # enabled once the kernel agreed (mount.py)
         self._versions: dict[int, tuple] = {}  # ino -> version at last open (page cache)
         self._stats: dict[int, os.stat_result] = {}  # ino -> attributes last seen
         self._owner = (os.getuid(), os.getgid())
@@ -110,6 +113,15 @@ class Operations(pyfuse3.Operations):
         a.st_blksize = 4096
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self._started_ns
         return a
+
+    def _new_fh(self, backing: int = 0) -> int:
+        """A file handle not in use. The high 32 bits carry the backing id
+        of a passthrough open to the C hooks, which put it in the open
+        reply (docs/passthrough.md); the low 32 bits count."""
+        while True:
+            fh = backing << 32 | next(self._fh) & 0xFFFFFFFF
+            if fh & 0xFFFFFFFF and fh not in self._files and fh not in self._dirs:
+                return fh
 
     async def _cold(self, fn, *args):
         return await self.store.cold_call(fn, *args)
@@ -185,7 +197,7 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def opendir(self, inode, ctx):
-        fh = next(self._fh)
+        fh = self._new_fh()
         if inode == control.CONTROL_DIR_INO:
             self._dirs[fh] = _Dir("", None, [n.encode() for n in control.CONTROL_FILES],
                                   [self._control_attr(ino) for ino in control.CONTROL_FILES.values()])
@@ -245,8 +257,8 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             self._read_only("open for writing")
-        fh = next(self._fh)
         if inode in control.CONTROL_INOS:
+            fh = self._new_fh()
             name = control.CONTROL_NAMES[inode]
             if name == "verify":  # hash every fast copy now: as long as that takes
                 report = await self.store.verify_all()
@@ -255,12 +267,33 @@ class Operations(pyfuse3.Operations):
                 self._files[fh] = control.render(self.store, name)
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
         h = await self.store.open(self.ns.path(inode), ctx.pid,
-                                  functools.partial(self._check_version, inode))
+                                  functools.partial(self._check_version, inode),
+                                  held=self.modes.passthrough(inode))
+        new_backing = not self.modes.passthrough(inode)
+        # O_DIRECT: not in passthrough unless the inode already is, since the
+        # kernel would then apply the fast tier's alignment rules (EINVAL on
+        # a disk for an unaligned buffer, where the daemon takes any)
+        bid = self.modes.open(inode, None if flags & os.O_DIRECT else h.fast_fd,
+                              functools.partial(self.store.hold, h))
+        fh = self._new_fh(bid)
         self._files[fh] = h
+        self._inos[fh] = inode
+        if bid:
+            self.store.passthrough_opened(h)
+            if new_backing and self._versions.pop(inode, None) is not None:
+                # pages cached-mode opens left are never read again: free them
+                self.store.start_soon(self._drop_pages, inode)
+            return pyfuse3.FileInfo(fh=fh, keep_cache=False)
         # The kernel may keep cached pages only if the file is the one it cached.
         keep = self._versions.get(inode) == h.version
         self._versions[inode] = h.version
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
+
+    async def _drop_pages(self, inode: int) -> None:
+        # in a thread: the kernel may wait for page locks held by readers
+        # whose requests this (trio) thread answers
+        with contextlib.suppress(OSError):
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, False)
 
     def _check_version(self, inode: int, st: os.stat_result) -> None:
         """Refuse with ESTALE an open that finds a file other than the one
@@ -283,6 +316,7 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh):
         h = self._files.pop(fh)
         if not isinstance(h, bytes):
+            self.modes.release(self._inos.pop(fh), fh >> 32)
             self.store.release(h)
 
     async def push_to_page_cache(self, rel: str, version: tuple) -> None:
@@ -290,6 +324,8 @@ class Operations(pyfuse3.Operations):
         so that the next process's reads and mmap faults never reach the
         daemon (--push-page-cache; measured in docs/benchmarks.md). Only an
         inode the kernel knows can receive data."""
+        if self.modes.enabled:
+            return  # passthrough opens read the fast copy, never the pushed pages
         ino = self.ns.known(rel)
         e = self.store.entries.get(rel)
         known = self._stats.get(ino) if ino is not None else None

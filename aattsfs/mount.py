@@ -31,7 +31,7 @@ import trio
 from .errors import UserError
 from .fs import Operations
 from .metadata import MetaStore
-from . import metrics
+from . import metrics, passthrough
 from .policy import make_policy
 from .prefetcher import Prefetcher
 from .store import Store
@@ -60,6 +60,7 @@ class MountConfig:
     prefetch_jobs: int = 2  # promotions the prefetcher runs at once
     prefetch_bandwidth: int = 0  # bytes/s of cold reads for prefetch; 0: no cap
     push_page_cache: bool = False  # copy staged files into the kernel page cache too
+    passthrough: str = "auto"  # kernel passthrough of promoted files: auto, on, off
     metrics_address: str | None = None  # HOST:PORT of the Prometheus endpoint
     metrics_allow_remote: bool = False
 
@@ -409,6 +410,12 @@ def _serve_mount(cfg: MountConfig, stack: contextlib.ExitStack, created: list[st
     ops = Operations(store, timeout=cfg.timeout)
     if cfg.push_page_cache:
         store.on_staged = ops.push_to_page_cache
+    why_not = passthrough.unavailable() if cfg.passthrough != "off" else "--passthrough off"
+    if cfg.passthrough == "on" and why_not:
+        raise UserError(f"--passthrough on cannot work here: {why_not}")
+    passthrough.configure(want=not why_not)
+    store.passthrough = {"mode": cfg.passthrough, "active": False,
+                         "reason": why_not or "the kernel has not answered yet"}
     options = set(pyfuse3.default_options) | {"fsname=aattsfs", "subtype=aattsfs"}
     if cfg.allow_other:
         options.add("allow_other")
@@ -422,7 +429,7 @@ def _serve_mount(cfg: MountConfig, stack: contextlib.ExitStack, created: list[st
              cfg.predictor if cfg.prefetch else "off")
     unmount = True
     try:
-        unmount = trio.run(_serve, store, prefetcher, cfg, exporter)
+        unmount = trio.run(_serve, store, ops, prefetcher, cfg, exporter)
     finally:
         # The trio loop has ended; threads it abandoned (a hung cold tier)
         # hold their own fds and are not waited for.
@@ -433,9 +440,32 @@ def _serve_mount(cfg: MountConfig, stack: contextlib.ExitStack, created: list[st
                       "statistics is lost", exc)
         pyfuse3.close(unmount=unmount)
         log.info("unmounted %s", cfg.mountpoint)
+    if cfg.passthrough == "on" and not store.passthrough["active"]:
+        raise UserError(f"--passthrough on cannot work here: {store.passthrough['reason']}")
 
 
-async def _serve(store: Store, prefetcher: Prefetcher, cfg: MountConfig,
+def _start_passthrough(store: Store, ops: Operations) -> bool:
+    """Once the kernel has answered INIT: turn passthrough on if it was
+    agreed and a first backing file works; else say once why not. False if
+    it was required (--passthrough on) and cannot work."""
+    state = store.passthrough
+    why = state["reason"] = (passthrough.negotiated() or passthrough.probe(store.fast.marker_fd)
+                             if passthrough.wanted() else state["reason"])
+    if why:
+        if state["mode"] == "on":
+            log.error("--passthrough on cannot work here: %s", why)
+            return False
+        log.info("passthrough off: %s", why)
+        return True
+    state["active"] = ops.modes.enabled = True
+    log.info("passthrough on: promoted files are read by the kernel from the fast tier")
+    if store.on_staged is not None:
+        log.info("--push-page-cache does nothing while passthrough is on (the kernel "
+                 "reads the fast copy itself)")
+    return True
+
+
+async def _serve(store: Store, ops: Operations, prefetcher: Prefetcher, cfg: MountConfig,
                  exporter: "metrics.Exporter | None") -> bool:
     """Run until unmounted from outside (returns False) or told to stop by a
     signal (returns True: we still have to unmount)."""
@@ -466,10 +496,15 @@ async def _serve(store: Store, prefetcher: Prefetcher, cfg: MountConfig,
                     faulthandler.unregister(signal.SIGUSR1)
 
         async def when_live():
+            nonlocal stopped_by_signal
             # The kernel sets the mount's readahead when it processes the INIT
             # reply; a first request answered means that is done.
             await trio.to_thread.run_sync(os.statvfs, cfg.mountpoint)
             _set_read_ahead(cfg.mountpoint, cfg.read_ahead)
+            if not _start_passthrough(store, ops):
+                stopped_by_signal = True  # still mounted: unmount on the way out
+                nursery.cancel_scope.cancel()
+                return
             _notify_systemd(b"READY=1")
 
         nursery.start_soon(watch_signals)

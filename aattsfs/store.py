@@ -350,6 +350,8 @@ class Stats:
     promotions_nospace: int = 0  # failed because the fast tier's filesystem was full
     copies_verified: int = 0  # copies found at start (or on demand) that hashed right
     copies_corrupt: int = 0  # copies that did not: dropped, never served
+    passthrough_opens: int = 0  # opens the kernel served from a fast copy itself
+    passthrough_bytes: int = 0  # the sizes of the files opened so (reads are not seen)
 
 
 class Store:
@@ -372,8 +374,17 @@ class Store:
         self._dirty: set[str] = set()
         self._events: list[dict] = []  # trace events not yet in LMDB
         self._recovered: list[str] = []  # copies found at start, to verify
+        # Copies the kernel reads for passthrough opens: (dev, ino) of the
+        # copy -> [holders, bytes, dropped]. A dropped copy's bytes stay
+        # allocated, and counted in the budget, until its last holder goes.
+        self._holds: dict[tuple[int, int], list] = {}
+        self.passthrough = {"mode": "off", "active": False, "reason": "not started"}
         # Access events for the prefetcher: the read path never waits on them.
         self.events_out, self.events_in = trio.open_memory_channel(EVENT_BUFFER)
+
+    def start_soon(self, fn: Callable, *args) -> None:
+        """Run fn(*args) as a background task of the store (until unmount)."""
+        self._nursery.start_soon(fn, *args)
 
     async def cold_call(self, fn: Callable, *args):
         """fn(*args) in a cold-tier worker thread. Abandoned when cancelled:
@@ -594,6 +605,13 @@ class Store:
                 "pushed_bytes": s.pushed_bytes,
             },
             "open_files": sum(len(e.handles) for e in self.entries.values()),
+            "passthrough": {
+                **self.passthrough,
+                "opens": s.passthrough_opens,
+                "opened_bytes": s.passthrough_bytes,
+                "backing_files": len(self._holds),
+                "held_evicted_bytes": sum(h[1] for h in self._holds.values() if h[2]),
+            },
             "evictions": s.evictions,
             "evicted_bytes": s.evicted_bytes,
             "invalidations": s.invalidations,
@@ -664,14 +682,16 @@ class Store:
         self._drop_fast(rel)
 
     async def open(self, rel: str, pid: int = 0,
-                   check: Callable[[os.stat_result], None] | None = None) -> Handle:
+                   check: Callable[[os.stat_result], None] | None = None,
+                   held: bool = False) -> Handle:
         """Open rel for reading; `check` may refuse the cold file opened (its
-        stat; by raising) before anything is counted."""
+        stat; by raising) before anything is counted. `held`: the kernel
+        serves this open from a copy passthrough opens hold (counted fast)."""
         cold_fd, e, version = await self._open_cold(rel, check)
         rec = e.record
         h = Handle(rel, version, e, cold_fd, stream_of(pid))
         h.fast_fd = self._open_fast(rel, e)
-        if h.fast_fd is not None:
+        if h.fast_fd is not None or held:
             rec.hits += 1
             self.stats.opens_fast += 1
             self.policy.access(rel)
@@ -732,6 +752,32 @@ class Store:
             data = await self.cold_call(in_thread(os.pread, size, off, fds=(h.cold_fd,)))
             self.stats.cold_bytes_read += len(data)
             return data, False
+
+    def passthrough_opened(self, h: Handle) -> None:
+        """Count an open the kernel serves from the fast copy itself: its
+        reads never reach the store."""
+        self.stats.passthrough_opens += 1
+        self.stats.passthrough_bytes += h.version[0]
+
+    def hold(self, h: Handle) -> Callable[[], None]:
+        """Keep the budget counting h's fast copy while the kernel reads it
+        for passthrough opens, even after it is evicted; returns the release."""
+        cs = h.entry.copy_stat
+        key = (cs.st_dev, cs.st_ino)
+        held = self._holds.setdefault(key, [0, h.entry.fast_bytes, False])
+        held[0] += 1
+
+        def unhold() -> None:
+            held[0] -= 1
+            if held[0] == 0:
+                del self._holds[key]
+                if held[2]:  # evicted while held: its bytes are free only now
+                    self.fast.release(held[1])
+        return unhold
+
+    def _held(self, e: Entry) -> list | None:
+        cs = e.copy_stat
+        return self._holds.get((cs.st_dev, cs.st_ino)) if cs is not None else None
 
     def release(self, h: Handle) -> None:
         if h.ranges:
@@ -853,7 +899,9 @@ class Store:
 
         def evictable(rel: str) -> bool:
             e = self.entries[rel]
-            return not (e.record.pinned or rel in protect or spare_open and e.handles)
+            # a copy passthrough opens hold would free nothing until they close
+            return not (e.record.pinned or rel in protect or spare_open and e.handles
+                        or self._held(e) is not None)
 
         victims, enough = choose_victims(
             self.policy, size, self.fast.free,
@@ -871,7 +919,11 @@ class Store:
         file each of them opened, so they keep returning the same bytes."""
         e = self.entries[rel]
         self.fast.remove(rel)
-        self.fast.release(e.fast_bytes)
+        held = self._held(e)
+        if held is not None:
+            held[2] = True  # the budget gets these bytes back at the last close
+        else:
+            self.fast.release(e.fast_bytes)
         self.stats.evicted_bytes += e.fast_bytes
         self._unused_prefetch(e)
         e.fast_bytes = 0

@@ -352,6 +352,11 @@ class FastTier:
             os.close(fd)
             raise
 
+    @property
+    def marker_fd(self) -> int:
+        """An fd of a file of the fast tier's filesystem (to probe it)."""
+        return self._lock_fd
+
     def close(self) -> None:
         os.close(self._lock_fd)
 

@@ -45,7 +45,8 @@ def stage(model: Path, mnt: Path, push: bool) -> tuple[float, float, int]:
     shutil.rmtree(state, ignore_errors=True)
     drop_caches()
     harness.cli("mount", model.parent, mnt, "--fast-dir", FAST, "--fast-size", "2G",
-                "--state-dir", state, *(["--push-page-cache"] if push else []))
+                "--state-dir", state, "--passthrough", "off",
+                *(["--push-page-cache"] if push else []))
     files = sorted(p.name for p in model.iterdir())
     staged = [mnt / model.name / f for f in files
               if f.endswith(".safetensors") or f.endswith(".index.json")]

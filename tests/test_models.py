@@ -133,7 +133,7 @@ def test_a_shard_still_being_written_is_not_staged(model_cold, tmp_path, mounter
 
 def test_pushed_pages_serve_the_next_process_without_the_daemon(model_cold, mounter):
     from conftest import sha256, wait_for
-    m = mounter(model_cold, extra=["--push-page-cache"])
+    m = mounter(model_cold, extra=["--push-page-cache", "--passthrough", "off"])
     names = sorted(os.listdir(model_cold / "gpt2"))
     for n in names:
         os.stat(m.path(f"gpt2/{n}"))  # the kernel knows every inode
