@@ -176,6 +176,18 @@ class Exporter:
         yield gauge("fast_tier_budget_bytes", "The fast tier's byte budget.", ft["budget_bytes"])
         yield gauge("fast_tier_files", "Files in the fast tier.", ft["files"])
         yield gauge("open_files", "Files open through the mount.", s["open_files"])
+        pt = s["passthrough"]
+        yield gauge("passthrough_active", "1 if promoted files open in kernel passthrough.",
+                    int(pt["active"]))
+        yield counter("passthrough_opens", "Opens the kernel served from a fast copy itself.",
+                      pt["opens"])
+        yield counter("passthrough_opened_bytes", "Sizes of the files opened in passthrough "
+                      "(their reads never reach the daemon).", pt["opened_bytes"])
+        yield gauge("passthrough_backing_files", "Fast copies open as backing files.",
+                    pt["backing_files"])
+        yield gauge("passthrough_held_evicted_bytes", "Bytes of evicted copies that "
+                    "passthrough opens still hold (counted in the budget).",
+                    pt["held_evicted_bytes"])
         h = HistogramMetricFamily("aattsfs_read_seconds", "Time to serve a read request, by "
                                   "tier (cold: waited for the cold tier).", labels=["tier"])
         for tier, (buckets, total) in latency.items():

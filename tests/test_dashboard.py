@@ -79,8 +79,11 @@ def test_dashboard_shows_live_data_matching_the_stats(cold_tree, mounter, browse
 
     def same():
         s = m.stats()
-        return (shown("promotions"), shown("fast-files")) == \
-            (str(s["promotions"]), str(s["fast_tier"]["files"]))
+        pt = s["passthrough"]
+        return ((shown("promotions"), shown("fast-files")) ==
+                (str(s["promotions"]), str(s["fast_tier"]["files"]))
+                and shown("passthrough").startswith(
+                    f"on, {pt['opens']} opens (" if pt["active"] else "off"))
 
     wait_for(same, what="the page to show what .aatts/stats says")
     assert int(browser.find_element("id", "budget").get_attribute("data-bytes")) == 16 * MiB

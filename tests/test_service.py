@@ -175,6 +175,12 @@ def test_prometheus_metrics_match_the_stats(cold_tree, mounter):
     assert samples[("aattsfs_fast_tier_budget_bytes", ())] == 256 * MiB
     assert samples[("aattsfs_fast_tier_used_bytes", ())] == s["fast_tier"]["used_bytes"]
     assert samples[("aattsfs_promotions_total", ())] == s["promotions"]
+    # the second read of mid.bin was a passthrough open (this machine has it)
+    pt = s["passthrough"]
+    assert pt["active"] and pt["opens"] >= 1
+    assert samples[("aattsfs_passthrough_active", ())] == 1
+    assert samples[("aattsfs_passthrough_opens_total", ())] == pt["opens"]
+    assert samples[("aattsfs_passthrough_opened_bytes_total", ())] == pt["opened_bytes"]
     assert samples[("aattsfs_process_resident_memory_bytes", ())] > 10 * MiB
     assert samples[("aattsfs_process_cpu_seconds_total", ())] > 0
 
