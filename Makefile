@@ -78,3 +78,4 @@ bench: bench-deps
 	$(PY) bench/ls_xattr.py --reps 5
 	$(PY) bench/sim_table.py
 	$(PY) bench/page_cache_push.py --reps 5
+	$(PY) bench/passthrough.py --reps 3

@@ -269,6 +269,13 @@ class Operations(pyfuse3.Operations):
         h = await self.store.open(self.ns.path(inode), ctx.pid,
                                   functools.partial(self._check_version, inode),
                                   held=self.modes.passthrough(inode))
+        if self.modes.damaged(inode):
+            # Its live opens read a changed copy in the kernel, and a new
+            # open would have to join them: give the path a new inode, and
+            # the kernel looks it up again and retries (docs/passthrough.md)
+            self.store.release(h)
+            self.ns.retire(inode)
+            raise FUSEError(errno.ESTALE)
         new_backing = not self.modes.passthrough(inode)
         # O_DIRECT: not in passthrough unless the inode already is, since the
         # kernel would then apply the fast tier's alignment rules (EINVAL on

@@ -74,5 +74,12 @@ class Namespace:
             if rel is not None and self._ino.get(rel) == ino:
                 del self._ino[rel]
 
+    def retire(self, ino: int) -> None:
+        """Let rel's next lookup get a new number, though it names the same
+        file; `ino` lives on for its open handles until forgotten."""
+        rel = self._path.get(ino)
+        if rel is not None and self._ino.get(rel) == ino:
+            del self._ino[rel]
+
     def __contains__(self, ino: int) -> bool:
         return ino in self._path

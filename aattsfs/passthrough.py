@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -157,11 +157,17 @@ def _backing_error(exc: OSError) -> str:
     return f"the kernel refused a backing file: {exc.strerror}"
 
 
+class Held(Protocol):
+    damaged: bool  # the copy no longer holds the bytes it was made of
+
+    def release(self) -> None: ...  # noqa: E704
+
+
 @dataclass
 class _Backing:
     id: int
     opens: int
-    unhold: Callable[[], None]  # gives the copy's bytes back to the budget's control
+    held: Held  # the budget's claim on the copy, released with the backing file
 
 
 class OpenModes:
@@ -174,12 +180,11 @@ class OpenModes:
         self._backing: dict[int, _Backing] = {}
         self._failed_once = False
 
-    def open(self, ino: int, fast_fd: int | None, hold: Callable[[], Callable[[], None]]
-             ) -> int:
+    def open(self, ino: int, fast_fd: int | None, hold: Callable[[], Held]) -> int:
         """The backing id for a new open of ino (0: a cached-mode open).
         A passthrough open needs a fast copy (`fast_fd`) unless the inode's
         backing file already serves it; `hold()` is called when a backing
-        file is made, its result when the file is released."""
+        file is made, and its result released with it."""
         b = self._backing.get(ino)
         if b is not None:
             b.opens += 1
@@ -202,6 +207,12 @@ class OpenModes:
         """Whether new opens of ino must be passthrough opens."""
         return ino in self._backing
 
+    def damaged(self, ino: int) -> bool:
+        """Whether ino's backing file is a copy found changed: new opens
+        must not join it, so ino must not be opened again."""
+        b = self._backing.get(ino)
+        return b is not None and b.held.damaged
+
     def release(self, ino: int, bid: int) -> None:
         if not bid:
             self._cached[ino] -= 1
@@ -216,7 +227,7 @@ class OpenModes:
                 _hooks.backing_close(b.id)
             except OSError as exc:  # the session is gone: so is the id
                 log.debug("closing backing id %d: %s", b.id, exc)
-            b.unhold()
+            b.held.release()
 
     def backing_files(self) -> int:
         return len(self._backing)

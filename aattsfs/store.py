@@ -288,6 +288,26 @@ class Handle:
             self.more_ranges += 1
 
 
+class Hold:
+    """The budget's claim on a fast copy that passthrough opens read in the
+    kernel: one per copy, however many inodes' backing files it is."""
+
+    def __init__(self, store: "Store", key: tuple[int, int], size: int) -> None:
+        self.store = store
+        self.key = key  # (st_dev, st_ino) of the copy
+        self.size = size
+        self.holders = 0
+        self.dropped = False  # evicted meanwhile: its bytes are freed at the last release
+        self.damaged = False  # found changed: no new open may read it
+
+    def release(self) -> None:
+        self.holders -= 1
+        if self.holders == 0:
+            del self.store._holds[self.key]
+            if self.dropped:
+                self.store.fast.release(self.size)
+
+
 @dataclass(eq=False)
 class Entry:
     record: FileRecord
@@ -377,7 +397,7 @@ class Store:
         # Copies the kernel reads for passthrough opens: (dev, ino) of the
         # copy -> [holders, bytes, dropped]. A dropped copy's bytes stay
         # allocated, and counted in the budget, until its last holder goes.
-        self._holds: dict[tuple[int, int], list] = {}
+        self._holds: dict[tuple[int, int], Hold] = {}
         self.passthrough = {"mode": "off", "active": False, "reason": "not started"}
         # Access events for the prefetcher: the read path never waits on them.
         self.events_out, self.events_in = trio.open_memory_channel(EVENT_BUFFER)
@@ -493,7 +513,7 @@ class Store:
             nbytes += e.fast_bytes
             if not ok:
                 bad.append(rel)
-                self._drop_fast(rel)
+                self._drop_fast(rel, damaged=True)
         return {"checked": checked, "bytes": nbytes, "corrupt": bad}
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -610,7 +630,7 @@ class Store:
                 "opens": s.passthrough_opens,
                 "opened_bytes": s.passthrough_bytes,
                 "backing_files": len(self._holds),
-                "held_evicted_bytes": sum(h[1] for h in self._holds.values() if h[2]),
+                "held_evicted_bytes": sum(h.size for h in self._holds.values() if h.dropped),
             },
             "evictions": s.evictions,
             "evicted_bytes": s.evicted_bytes,
@@ -679,7 +699,7 @@ class Store:
         log.warning("the fast copy of %s was changed behind aattsfs's back; dropped, "
                     "never served", rel)
         self.stats.copies_corrupt += 1
-        self._drop_fast(rel)
+        self._drop_fast(rel, damaged=True)
 
     async def open(self, rel: str, pid: int = 0,
                    check: Callable[[os.stat_result], None] | None = None,
@@ -759,23 +779,18 @@ class Store:
         self.stats.passthrough_opens += 1
         self.stats.passthrough_bytes += h.version[0]
 
-    def hold(self, h: Handle) -> Callable[[], None]:
+    def hold(self, h: Handle) -> "Hold":
         """Keep the budget counting h's fast copy while the kernel reads it
-        for passthrough opens, even after it is evicted; returns the release."""
+        for passthrough opens, even after it is evicted (until released)."""
         cs = h.entry.copy_stat
         key = (cs.st_dev, cs.st_ino)
-        held = self._holds.setdefault(key, [0, h.entry.fast_bytes, False])
-        held[0] += 1
+        held = self._holds.get(key)
+        if held is None:
+            held = self._holds[key] = Hold(self, key, h.entry.fast_bytes)
+        held.holders += 1
+        return held
 
-        def unhold() -> None:
-            held[0] -= 1
-            if held[0] == 0:
-                del self._holds[key]
-                if held[2]:  # evicted while held: its bytes are free only now
-                    self.fast.release(held[1])
-        return unhold
-
-    def _held(self, e: Entry) -> list | None:
+    def _held(self, e: Entry) -> "Hold | None":
         cs = e.copy_stat
         return self._holds.get((cs.st_dev, cs.st_ino)) if cs is not None else None
 
@@ -914,14 +929,17 @@ class Store:
                 self.stats.evictions += 1
         return enough
 
-    def _drop_fast(self, rel: str) -> None:
-        """Remove rel's fast copy. Open handles reading it switch to the cold
-        file each of them opened, so they keep returning the same bytes."""
+    def _drop_fast(self, rel: str, damaged: bool = False) -> None:
+        """Remove rel's fast copy (`damaged`: it no longer holds the cold
+        bytes). Open handles reading it switch to the cold file each of them
+        opened, so they keep returning the same bytes; passthrough opens
+        keep reading it in the kernel (docs/passthrough.md)."""
         e = self.entries[rel]
         self.fast.remove(rel)
         held = self._held(e)
         if held is not None:
-            held[2] = True  # the budget gets these bytes back at the last close
+            held.dropped = True  # the budget gets these bytes back at the last close
+            held.damaged |= damaged
         else:
             self.fast.release(e.fast_bytes)
         self.stats.evicted_bytes += e.fast_bytes

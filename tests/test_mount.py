@@ -143,6 +143,7 @@ def test_control_surface(cold_tree, mounter):
     assert os.getxattr(m.path("big.bin"), "user.aatts.pinned") == b"0"
     status = run_cli("status", m.path()).stdout
     assert "fast tier" in status and "big.bin" in status and "promotions" in status
+    assert "passthrough" in status
     assert '"fast_tier"' in run_cli("status", "--json", m.path()).stdout
 
 
