@@ -159,6 +159,7 @@ def test_binary_units_however_spelled(loop_trace):
 
 @pytest.mark.parametrize("args,needles", [
     (["mount", "--policy", "mru"], ["--policy", "'mru'"]),
+    (["mount", "--passthrough", "always"], ["--passthrough", "'always'"]),
     (["mount", "--prefetch-jobs", "99"], ["--prefetch-jobs", "99"]),
     (["mount", "--log-level", "loud"], ["--log-level", "'loud'"]),
     (["mount", "--bogus"], ["--bogus"]),
@@ -210,6 +211,8 @@ BOOL, INT, SIZE, STR = ("expected true or false", "expected an integer",
     ("metrics_address = 9464", "metrics_address", STR),
     ("policy = 3", "policy", STR),
     ('policy = "mru"', "policy", "'mru'"),
+    ("passthrough = true", "passthrough", STR),
+    ('passthrough = "yes"', "passthrough", "'yes'"),
     ("log_level = false", "log_level", STR),
     ("fast_size = [1]", "fast_size", "not an array"),
 ])
