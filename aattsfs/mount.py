@@ -410,7 +410,8 @@ def _serve_mount(cfg: MountConfig, stack: contextlib.ExitStack, created: list[st
     ops = Operations(store, timeout=cfg.timeout)
     if cfg.push_page_cache:
         store.on_staged = ops.push_to_page_cache
-    why_not = passthrough.unavailable() if cfg.passthrough != "off" else "--passthrough off"
+    why_not = (passthrough.unavailable(cfg.fast_dir) if cfg.passthrough != "off"
+               else "--passthrough off")
     if cfg.passthrough == "on" and why_not:
         raise UserError(f"--passthrough on cannot work here: {why_not}")
     passthrough.configure(want=not why_not)

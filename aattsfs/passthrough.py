@@ -90,14 +90,34 @@ def _has_sys_admin() -> bool:
     return False
 
 
-def unavailable() -> str:
-    """Why passthrough cannot work in this process, or "" if it may (the
-    kernel's offer at INIT and a first backing file decide the rest)."""
+def _fs_type(path: str) -> str:
+    """The type of the filesystem `path` is on, from the mount table."""
+    dev = os.stat(path).st_dev
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[2] == want and " - " in line:
+                return line.split(" - ", 1)[1].split()[0]
+    return ""
+
+
+STACKED = ("overlay", "ecryptfs")  # stacked filesystems: cannot back a passthrough open
+
+
+def unavailable(fast_dir: str) -> str:
+    """Why passthrough cannot work in this process with its fast tier in
+    `fast_dir`, or "" if it may (the kernel's offer at INIT and a first
+    backing file decide the rest)."""
     if _hooks is None:
         return _load_error
     why = _kernel_ok()
     if why:
         return why
+    fstype = _fs_type(fast_dir)
+    if fstype.startswith(STACKED):
+        return (f"the fast tier is on {fstype}, which cannot back passthrough (a stacked "
+                "filesystem); put --fast-dir on tmpfs or a disk")
     version, path = _libfuse_version()
     if version < 317:
         return (f"pyfuse3 uses libfuse {version // 100}.{version % 100} ({path}); passthrough "
@@ -229,5 +249,3 @@ class OpenModes:
                 log.debug("closing backing id %d: %s", b.id, exc)
             b.held.release()
 
-    def backing_files(self) -> int:
-        return len(self._backing)

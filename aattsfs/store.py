@@ -394,9 +394,9 @@ class Store:
         self._dirty: set[str] = set()
         self._events: list[dict] = []  # trace events not yet in LMDB
         self._recovered: list[str] = []  # copies found at start, to verify
-        # Copies the kernel reads for passthrough opens: (dev, ino) of the
-        # copy -> [holders, bytes, dropped]. A dropped copy's bytes stay
-        # allocated, and counted in the budget, until its last holder goes.
+        # Copies the kernel reads for passthrough opens, by (dev, ino). A
+        # dropped copy's bytes stay allocated, and counted in the budget,
+        # until its last holder goes.
         self._holds: dict[tuple[int, int], Hold] = {}
         self.passthrough = {"mode": "off", "active": False, "reason": "not started"}
         # Access events for the prefetcher: the read path never waits on them.
