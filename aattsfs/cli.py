@@ -382,7 +382,8 @@ def _act(paths, name: bytes, value: bytes, verb: str):
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
                     raise UserError(f"cannot {verb} {path}: it does not fit in the fast tier "
-                                    "next to pinned files; unpin some or raise --fast-size") \
+                                    "next to pinned files and copies passthrough opens "
+                                    "hold; unpin some, close files or raise --fast-size") \
                         from None
                 raise UserError(f"cannot {verb} {path}: {exc.strerror}") from None
             if bar is not None:

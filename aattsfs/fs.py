@@ -85,9 +85,15 @@ class Operations(pyfuse3.Operations):
         self._owner = (os.getuid(), os.getgid())
         self._started_ns = time.time_ns()
         self._warned_ro = False
+        self.initialized = trio.Event()  # the kernel's INIT was answered
         if self.cold.exists(control.CONTROL_NAME):
             log.warning("the cold directory has an entry named %s; it is hidden by the "
                         "control directory of the same name", control.CONTROL_NAME)
+
+    def init(self):
+        # pyfuse3 calls this while answering INIT; the reply is written
+        # before the trio loop runs another task
+        self.initialized.set()
 
     # -- attributes --------------------------------------------------------
 

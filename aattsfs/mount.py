@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import select
 import signal
 import socket
 import stat
@@ -41,6 +42,8 @@ from .units import format_size
 log = logging.getLogger(__name__)
 
 LOCK_WAIT = 15.0  # a previous daemon of this mount may still be flushing
+READY_TIMEOUT = 60.0  # how long `mount` waits for the daemon it started
+READY_FD = "AATTSFS_READY_FD"  # the pipe on which that daemon says READY, or why not
 
 
 @dataclass
@@ -380,9 +383,21 @@ def run_foreground(cfg: MountConfig) -> None:
         cfg = prepare(cfg, created)
         with contextlib.ExitStack() as stack:  # every teardown step, in reverse order
             _serve_mount(cfg, stack, created)
-    except UserError:
+    except UserError as exc:
         _remove_created(created)
+        _tell_parent(f"ERROR {exc}")
         raise
+
+
+def _tell_parent(line: str) -> None:
+    """One line to the `mount` that started this daemon (`daemonize`), once:
+    READY when the mount serves as configured, else the error that stops it."""
+    fd = os.environ.pop(READY_FD, None)
+    if fd is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        os.write(int(fd), line.encode(errors="backslashreplace") + b"\n")
+        os.close(int(fd))
 
 
 def _serve_mount(cfg: MountConfig, stack: contextlib.ExitStack, created: list[str]) -> None:
@@ -498,15 +513,18 @@ async def _serve(store: Store, ops: Operations, prefetcher: Prefetcher, cfg: Mou
 
         async def when_live():
             nonlocal stopped_by_signal
-            # The kernel sets the mount's readahead when it processes the INIT
-            # reply; a first request answered means that is done.
-            await trio.to_thread.run_sync(os.statvfs, cfg.mountpoint)
+            # The kernel sets the mount's readahead and passthrough when it
+            # processes the INIT reply, which is written before this task
+            # runs again. (Not a request through the mount: that would wait
+            # for a slow cold tier.)
+            await ops.initialized.wait()
             _set_read_ahead(cfg.mountpoint, cfg.read_ahead)
             if not _start_passthrough(store, ops):
                 stopped_by_signal = True  # still mounted: unmount on the way out
                 nursery.cancel_scope.cancel()
                 return
             _notify_systemd(b"READY=1")
+            _tell_parent("READY")
 
         nursery.start_soon(watch_signals)
         nursery.start_soon(when_live)
@@ -526,27 +544,54 @@ def daemonize(cfg: MountConfig, argv: list[str]) -> None:
         _remove_created(created)
         raise
     log_path = os.path.join(cfg.state_dir, "aattsfs.log")
-    with open(log_path, "ab") as logf:
-        start = logf.tell()
-        child = subprocess.Popen([sys.executable, "-m", "aattsfs", *argv, "--foreground"],
-                                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                 start_new_session=True, close_fds=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if child.poll() is not None:
-            with open(log_path, "rb") as f:
-                f.seek(start)
-                lines = f.read().decode(errors="replace").strip().splitlines()
-            errors_ = [ln for ln in lines if "error" in ln.lower()]
-            detail = (errors_ or lines or ["no output"])[-1]
-            detail = detail.removeprefix("aattsfs: error: ")
-            raise UserError(f"the daemon exited before the mount was live: {detail} "
-                            f"(log: {log_path})")
-        if is_mounted(cfg.mountpoint):
-            return
-        time.sleep(0.05)
-    child.terminate()
-    raise UserError(f"the daemon did not bring up {cfg.mountpoint} within 60 s; see {log_path}")
+    ready_r, ready_w = os.pipe()
+    try:
+        with open(log_path, "ab") as logf:
+            start = logf.tell()
+            child = subprocess.Popen([sys.executable, "-m", "aattsfs", *argv, "--foreground"],
+                                     stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                     start_new_session=True, close_fds=True,
+                                     pass_fds=(ready_w,),
+                                     env={**os.environ, READY_FD: str(ready_w)})
+    finally:
+        os.close(ready_w)
+    try:
+        answer = _read_line(ready_r, READY_TIMEOUT)
+    finally:
+        os.close(ready_r)
+    if answer == "READY":
+        return
+    if answer is None:
+        child.terminate()
+        raise UserError(f"the daemon did not bring up {cfg.mountpoint} within "
+                        f"{READY_TIMEOUT:.0f} s; see {log_path}")
+    if not answer.startswith("ERROR "):  # it died without a word: its last line says why
+        child.wait()
+        with open(log_path, "rb") as f:
+            f.seek(start)
+            lines = f.read().decode(errors="replace").strip().splitlines()
+        answer = (lines or ["no output"])[-1]
+    detail = answer.removeprefix("ERROR ").removeprefix("aattsfs: error: ")
+    raise UserError(f"the daemon stopped before the mount was ready: {detail} "
+                    f"(log: {log_path})")
+
+
+def _read_line(fd: int, timeout: float) -> str | None:
+    """The first line written to the pipe `fd` ("" if it was closed
+    without one), or None if none came within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    data = b""
+    while b"\n" not in data:
+        left = deadline - time.monotonic()
+        if left <= 0 or not poller.poll(left * 1000):
+            return None
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\n", 1)[0].decode(errors="replace")
 
 
 def unmount(mountpoint: str, lazy: bool = False) -> None:

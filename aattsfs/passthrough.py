@@ -17,6 +17,7 @@ is never behind in the direction that would make the kernel refuse an open
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import sys
@@ -169,9 +170,9 @@ def probe(fd: int) -> str:
 
 
 def _backing_error(exc: OSError) -> str:
-    if exc.errno == 1:  # EPERM
+    if exc.errno == errno.EPERM:
         return "the kernel refused a backing file (the daemon needs CAP_SYS_ADMIN)"
-    if exc.errno == 22:  # EINVAL
+    if exc.errno in (errno.EINVAL, errno.ELOOP):  # ELOOP: stacked too deep
         return ("the fast tier's filesystem cannot back passthrough (a stacked one such "
                 "as overlayfs, or a FUSE mount); put --fast-dir on tmpfs or a disk")
     return f"the kernel refused a backing file: {exc.strerror}"
