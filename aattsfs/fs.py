@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 READDIR_BATCH = 256  # entries lstat'ed per worker-thread call
 STALE_AFTER = 0.5  # seconds getattr waits for the cold tier before answering from memory
+OTHERS_SHARE = 0.5  # of the budget other users' passthrough opens may hold (OpenModes)
 
 
 def ident_of(st: os.stat_result) -> tuple[int, int]:
@@ -79,10 +80,12 @@ class Operations(pyfuse3.Operations):
         self._dirs: dict[int, _Dir] = {}
         self._files: dict[int, object] = {}  # fh -> store Handle, or bytes (control)
         self._inos: dict[int, int] = {}  # fh -> inode, of the files' handles
-        self.modes = passthrough.OpenModes()  # enabled once the kernel agreed (mount.py)
+        self._owner = (os.getuid(), os.getgid())
+        # enabled once the kernel agreed (mount.py)
+        self.modes = passthrough.OpenModes(frozenset({0, self._owner[0]}),
+                                           int(store.fast.budget * OTHERS_SHARE))
         self._versions: dict[int, tuple] = {}  # ino -> version at last open (page cache)
         self._stats: dict[int, os.stat_result] = {}  # ino -> attributes last seen
-        self._owner = (os.getuid(), os.getgid())
         self._started_ns = time.time_ns()
         self._warned_ro = False
         self.initialized = trio.Event()  # the kernel's INIT was answered
@@ -287,7 +290,7 @@ class Operations(pyfuse3.Operations):
         # kernel would then apply the fast tier's alignment rules (EINVAL on
         # a disk for an unaligned buffer, where the daemon takes any)
         bid = self.modes.open(inode, None if flags & os.O_DIRECT else h.fast_fd,
-                              functools.partial(self.store.hold, h))
+                              h.entry.fast_bytes, ctx.uid, functools.partial(self.store.hold, h))
         fh = self._new_fh(bid)
         self._files[fh] = h
         self._inos[fh] = inode

@@ -189,27 +189,44 @@ class _Backing:
     id: int
     opens: int
     held: Held  # the budget's claim on the copy, released with the backing file
+    uid: int  # who opened it first: whose share of the budget it counts in
+    size: int
 
 
 class OpenModes:
     """Per FUSE inode: the live cached-mode opens, or the backing file of the
-    live passthrough opens. Synchronous; called from the FUSE adapter."""
+    live passthrough opens. Synchronous; called from the FUSE adapter.
 
-    def __init__(self, enabled: bool = False) -> None:
-        self.enabled = enabled
+    A copy that passthrough opens hold cannot be evicted until they close
+    (the budget counts it): users other than root and the mount's owner
+    (`trusted`) may hold at most `others_limit` bytes that way, so that with
+    --allow-other nobody can lock the fast tier by keeping files open;
+    beyond it their opens are cached-mode opens, served by the daemon."""
+
+    def __init__(self, trusted: frozenset[int] = frozenset({0}),
+                 others_limit: int = 0) -> None:
+        self.enabled = False
+        self.trusted = trusted
+        self.others_limit = others_limit
         self._cached: collections.Counter[int] = collections.Counter()
         self._backing: dict[int, _Backing] = {}
+        self._held_by: collections.Counter[int] = collections.Counter()  # uid -> bytes
         self._failed_once = False
 
-    def open(self, ino: int, fast_fd: int | None, hold: Callable[[], Held]) -> int:
-        """The backing id for a new open of ino (0: a cached-mode open).
-        A passthrough open needs a fast copy (`fast_fd`) unless the inode's
-        backing file already serves it; `hold()` is called when a backing
-        file is made, and its result released with it."""
+    def open(self, ino: int, fast_fd: int | None, size: int, uid: int,
+             hold: Callable[[], Held]) -> int:
+        """The backing id for a new open of ino by `uid` (0: a cached-mode
+        open). A passthrough open needs a fast copy (`fast_fd`, of `size`
+        bytes) unless the inode's backing file already serves it; `hold()`
+        is called when a backing file is made, and its result released
+        with it."""
         b = self._backing.get(ino)
         if b is not None:
             b.opens += 1
             return b.id
+        if (uid not in self.trusted
+                and self._held_by[uid] + size > self.others_limit):
+            fast_fd = None  # this user holds enough of the budget already
         if self.enabled and fast_fd is not None and not self._cached[ino]:
             try:
                 bid = _hooks.backing_open(fast_fd)
@@ -219,7 +236,8 @@ class OpenModes:
                                 _backing_error(exc))
                     self._failed_once = True
             else:
-                self._backing[ino] = _Backing(bid, 1, hold())
+                self._backing[ino] = _Backing(bid, 1, hold(), uid, size)
+                self._held_by[uid] += size
                 return bid
         self._cached[ino] += 1
         return 0
@@ -244,6 +262,9 @@ class OpenModes:
         b.opens -= 1
         if b.opens == 0:
             del self._backing[ino]
+            self._held_by[b.uid] -= b.size
+            if self._held_by[b.uid] <= 0:
+                del self._held_by[b.uid]
             try:
                 _hooks.backing_close(b.id)
             except OSError as exc:  # the session is gone: so is the id

@@ -290,20 +290,43 @@ class Handle:
 
 class Hold:
     """The budget's claim on a fast copy that passthrough opens read in the
-    kernel: one per copy, however many inodes' backing files it is."""
+    kernel: one per copy, however many inodes' backing files it is. It
+    keeps an fd of the copy, to tell whether the copy is still as it was
+    when a new open would join those opens (after an eviction, too)."""
 
-    def __init__(self, store: "Store", key: tuple[int, int], size: int) -> None:
+    def __init__(self, store: "Store", rel: str, key: tuple[int, int], fd: int,
+                 size: int) -> None:
         self.store = store
+        self.rel = rel
         self.key = key  # (st_dev, st_ino) of the copy
+        self.fd = os.dup(fd)
+        self.stat = os.fstat(self.fd)  # as the daemon last left it
         self.size = size
         self.holders = 0
         self.dropped = False  # evicted meanwhile: its bytes are freed at the last release
-        self.damaged = False  # found changed: no new open may read it
+        self._damaged = False  # found changed: no new open may read it
+
+    @property
+    def damaged(self) -> bool:
+        if not self._damaged and not same_copy(os.fstat(self.fd), self.stat):
+            log.warning("the fast copy of %s, open in passthrough, was changed behind "
+                        "aattsfs's back; new opens read the cold file", self.rel)
+            self.store.stats.copies_corrupt += 1
+            self._damaged = True
+        return self._damaged
+
+    def unlinked(self, damaged: bool) -> None:
+        """The daemon has just unlinked the copy (which moves its ctime);
+        whether it had changed before was looked at (`damaged`) first."""
+        self.dropped = True
+        self._damaged |= damaged
+        self.stat = os.fstat(self.fd)
 
     def release(self) -> None:
         self.holders -= 1
         if self.holders == 0:
             del self.store._holds[self.key]
+            os.close(self.fd)
             if self.dropped:
                 self.store.fast.release(self.size)
 
@@ -685,8 +708,13 @@ class Store:
             return None
         try:
             fd = self.fast.open(rel)
-        except OSError as exc:  # removed behind the daemon's back
-            log.warning("fast copy of %s is unreadable (%s); dropped", rel, exc)
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                # the daemon is short of fds or memory: the copy is fine
+                log.warning("fast copy of %s cannot be opened now (%s); read from cold",
+                            rel, exc.strerror)
+                return None
+            log.warning("fast copy of %s is unreadable (%s); dropped", rel, exc.strerror)
             self._drop_fast(rel)
             return None
         if not same_copy(os.fstat(fd), e.copy_stat):
@@ -774,10 +802,13 @@ class Store:
             return data, False
 
     def passthrough_opened(self, h: Handle) -> None:
-        """Count an open the kernel serves from the fast copy itself: its
-        reads never reach the store."""
+        """Count an open the kernel serves from the fast copy itself; its
+        reads never reach the store, so it needs no fd of the copy."""
         self.stats.passthrough_opens += 1
         self.stats.passthrough_bytes += h.version[0]
+        if h.fast_fd is not None:
+            os.close(h.fast_fd)
+            h.fast_fd = None
 
     def hold(self, h: Handle) -> "Hold":
         """Keep the budget counting h's fast copy while the kernel reads it
@@ -786,7 +817,7 @@ class Store:
         key = (cs.st_dev, cs.st_ino)
         held = self._holds.get(key)
         if held is None:
-            held = self._holds[key] = Hold(self, key, h.entry.fast_bytes)
+            held = self._holds[key] = Hold(self, h.rel, key, h.fast_fd, h.entry.fast_bytes)
         held.holders += 1
         return held
 
@@ -935,11 +966,11 @@ class Store:
         opened, so they keep returning the same bytes; passthrough opens
         keep reading it in the kernel (docs/passthrough.md)."""
         e = self.entries[rel]
-        self.fast.remove(rel)
         held = self._held(e)
+        damaged = damaged or held is not None and held.damaged
+        self.fast.remove(rel)
         if held is not None:
-            held.dropped = True  # the budget gets these bytes back at the last close
-            held.damaged |= damaged
+            held.unlinked(damaged)  # the budget gets these bytes back at the last close
         else:
             self.fast.release(e.fast_bytes)
         self.stats.evicted_bytes += e.fast_bytes

@@ -425,10 +425,14 @@ class FastTier:
 
     @staticmethod
     def _unlink(path: str) -> None:
+        """Unlink, never raising: a failing fast disk must not keep a copy
+        that is being dropped looking present (it is logged instead)."""
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
+        except OSError as exc:
+            log.warning("could not remove %s from the fast tier: %s", path, exc.strerror)
 
     def remove(self, rel: str) -> None:
         self._unlink(self.path(rel))

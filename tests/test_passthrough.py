@@ -811,3 +811,73 @@ def test_kill_9_with_passthrough_opens_live_then_remount(tmp_path, mounter):
     s1 = m2.stats()
     assert s1["passthrough"]["opens"] == s0["passthrough"]["opens"] + 1
     assert daemon_reads(m2) == s0["reads"]["fast"] + s0["reads"]["cold"]
+
+
+@needs_kernel
+def test_a_copy_changed_behind_the_daemon_is_never_joined_after_an_eviction(tmp_path, mounter):
+    """Passthrough opens keep reading their copy in the kernel; a new open of
+    the inode would have to join them. A copy written behind the daemon's
+    back, then evicted (or warmed again), must still never reach a new
+    open: the daemon looks at the held copy itself at each join."""
+    cold = tmp_path / "cold"
+    want = write_random(cold / "a.bin", 2 * MiB + 5, 7).read_bytes()
+    m = mounter(cold, extra=["--passthrough", "on"])
+    m.expect_log(r"changed behind aattsfs.s back")
+    path = m.path("a.bin")
+    os.setxattr(path, TIER, b"fast")
+    fd1 = os.open(path, os.O_RDONLY)
+    try:
+        assert m.stats()["passthrough"]["opens"] == 1
+        with open(m.copy("a.bin"), "r+b") as copy:
+            copy.write(b"EVIL" * 64)
+        os.setxattr(path, TIER, b"cold")  # the daemon's own unlink: not a reason to trust it
+        for step in ("evicted", "warmed again"):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                got = os.pread(fd, len(want) + 1, 0)
+            finally:
+                os.close(fd)
+            assert got == want, f"{step}: a new open read {first_diff(got, want)} off"
+            os.setxattr(path, TIER, b"fast")
+        assert m.stats()["copies_corrupt"] >= 1
+    finally:
+        os.close(fd1)
+
+
+NOBODY = 65534
+# holds both files open (fds 3, 4: the same opens it reads) until a line comes
+HOLDER = ('exec 3<"$1" 4<"$2"; a=0; b=0; cmp -s - "$3" <&3 && a=1; cmp -s - "$4" <&4 && b=1; '
+          'echo "$a $b"; read x')
+
+
+@needs_kernel
+def test_another_user_cannot_lock_the_budget_with_passthrough_opens(open_root, mounter):
+    """With --allow-other, copies held by another user's passthrough opens
+    cannot be evicted until they close; that user may hold at most half the
+    budget so. Beyond it their opens are served by the daemon (cached mode),
+    and the owner can still evict and promote."""
+    cold = open_root / "cold"
+    for i, name in enumerate("abc"):
+        write_random(cold / f"{name}.bin", 3 * MiB, i).chmod(0o644)
+    m = mounter(cold, root=open_root, fast_size="8M", extra=["--allow-other"])
+    for name in "ab":
+        os.setxattr(m.path(f"{name}.bin"), TIER, b"fast")
+    holder = subprocess.Popen(["sh", "-c", HOLDER, "sh", m.path("a.bin"), m.path("b.bin"),
+                               cold / "a.bin", cold / "b.bin"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, user=NOBODY, group=NOBODY,
+                              extra_groups=[])
+    try:
+        assert holder.stdout.readline().split() == ["1", "1"]  # both read right
+        pt = m.stats()["passthrough"]
+        assert pt["opens"] == 1 and pt["backing_files"] == 1  # b would pass half of 8 MiB
+        for name in "ab":
+            run_cli("evict", m.path(f"{name}.bin"))
+        assert m.stats()["passthrough"]["held_evicted_bytes"] == 3 * MiB
+        run_cli("warm", m.path("c.bin"))  # 3 held + 3 fit in 8
+        assert m.tier("c.bin") == "fast"
+        assert m.path("c.bin").read_bytes() == (cold / "c.bin").read_bytes()
+    finally:
+        holder.communicate("\n", timeout=30)
+    wait_for(lambda: m.stats()["passthrough"]["held_evicted_bytes"] == 0,
+             what="the held copy to be released")
+    assert m.stats()["fast_tier"]["used_bytes"] == 3 * MiB
