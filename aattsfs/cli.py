@@ -79,6 +79,10 @@ def cli():
               show_default=True, help="Let the kernel read promoted files from the fast "
               "tier itself (Linux 6.9+, libfuse 3.17+, root); auto: when possible, saying "
               "why not otherwise. See docs/passthrough.md.")
+@click.option("--cold-watch", type=click.Choice(["auto", "off"]), default="auto",
+              show_default=True, help="Open fast copies without a cold-tier call while "
+              "inotify reports no change to the cold file (local filesystems only); off: "
+              "check the cold file on every open. See docs/reliability.md.")
 @click.option("--metrics-address", metavar="HOST:PORT",
               help="Serve Prometheus metrics there, e.g. 127.0.0.1:9464 [default: off].")
 @click.option("--metrics-allow-remote", is_flag=True,

@@ -36,6 +36,7 @@ from . import metrics, passthrough
 from .policy import make_policy
 from .prefetcher import Prefetcher
 from .store import Store
+from .watch import ColdWatch
 from .tiers import ColdTier, FastTier, FastTierError
 from .units import format_size
 
@@ -64,6 +65,7 @@ class MountConfig:
     prefetch_bandwidth: int = 0  # bytes/s of cold reads for prefetch; 0: no cap
     push_page_cache: bool = False  # copy staged files into the kernel page cache too
     passthrough: str = "auto"  # kernel passthrough of promoted files: auto, on, off
+    cold_watch: str = "auto"  # opens of fast copies without a cold call (watch.py): auto, off
     metrics_address: str | None = None  # HOST:PORT of the Prometheus endpoint
     metrics_allow_remote: bool = False
 
@@ -425,6 +427,7 @@ def _serve_mount(cfg: MountConfig, stack: contextlib.ExitStack, created: list[st
     ops = Operations(store, timeout=cfg.timeout)
     if cfg.push_page_cache:
         store.on_staged = ops.push_to_page_cache
+    _start_watch(store, cfg, stack)
     why_not = (passthrough.unavailable(cfg.fast_dir) if cfg.passthrough != "off"
                else "--passthrough off")
     if cfg.passthrough == "on" and why_not:
@@ -458,6 +461,19 @@ def _serve_mount(cfg: MountConfig, stack: contextlib.ExitStack, created: list[st
         log.info("unmounted %s", cfg.mountpoint)
     if cfg.passthrough == "on" and not store.passthrough["active"]:
         raise UserError(f"--passthrough on cannot work here: {store.passthrough['reason']}")
+
+
+def _start_watch(store: Store, cfg: MountConfig, stack: contextlib.ExitStack) -> None:
+    if cfg.cold_watch == "off":
+        store.watch_reason = "--cold-watch off"
+    else:
+        store.watch, store.watch_reason = ColdWatch.start(store.cold.root, store.cold.root_fd)
+    if store.watch is None:
+        log.info("cold watch off: %s; every open checks the cold file", store.watch_reason)
+        return
+    stack.callback(store.watch.close)
+    log.info("cold watch on: opens of fast copies need no cold-tier call while inotify "
+             "reports no change")
 
 
 def _start_passthrough(store: Store, ops: Operations) -> bool:

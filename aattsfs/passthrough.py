@@ -24,6 +24,8 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
+from .tiers import fs_type
+
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "on", "off")
@@ -91,18 +93,6 @@ def _has_sys_admin() -> bool:
     return False
 
 
-def _fs_type(path: str) -> str:
-    """The type of the filesystem `path` is on, from the mount table."""
-    dev = os.stat(path).st_dev
-    want = f"{os.major(dev)}:{os.minor(dev)}"
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[2] == want and " - " in line:
-                return line.split(" - ", 1)[1].split()[0]
-    return ""
-
-
 STACKED = ("overlay", "ecryptfs")  # stacked filesystems: cannot back a passthrough open
 
 
@@ -115,7 +105,7 @@ def unavailable(fast_dir: str) -> str:
     why = _kernel_ok()
     if why:
         return why
-    fstype = _fs_type(fast_dir)
+    fstype = fs_type(fast_dir)
     if fstype.startswith(STACKED):
         return (f"the fast tier is on {fstype}, which cannot back passthrough (a stacked "
                 "filesystem); put --fast-dir on tmpfs or a disk")

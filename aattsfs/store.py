@@ -46,6 +46,7 @@ from .procs import Stream, stream_of
 from .policy import EvictionPolicy, choose_victims
 from .tiers import (ColdTier, FastTier, SharedFd, digest_of, new_digest, same_copy,
                     version_of)
+from .watch import ColdWatch
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +271,9 @@ class Handle:
     rel: str
     version: Version
     entry: "Entry"
-    cold_fd: SharedFd  # the cold file this open resolved to, kept for its whole life
+    # the cold file this open resolved to, kept for its whole life; None for
+    # an open served from a copy without a cold-tier call (opened if needed)
+    cold_fd: SharedFd | None
     stream: Stream = (0, None)  # the process that opened it
     fast_fd: int | None = None
     prom: Promotion | None = None
@@ -395,6 +398,7 @@ class Stats:
     copies_corrupt: int = 0  # copies that did not: dropped, never served
     passthrough_opens: int = 0  # opens the kernel served from a fast copy itself
     passthrough_bytes: int = 0  # the sizes of the files opened so (reads are not seen)
+    opens_watched: int = 0  # opens of fast copies that needed no cold-tier call (watch.py)
 
 
 class Store:
@@ -422,6 +426,8 @@ class Store:
         # until its last holder goes.
         self._holds: dict[tuple[int, int], Hold] = {}
         self.passthrough = {"mode": "off", "active": False, "reason": "not started"}
+        self.watch: ColdWatch | None = None  # set by mount.py where the cold tier allows
+        self.watch_reason = "not started"
         # Access events for the prefetcher: the read path never waits on them.
         self.events_out, self.events_in = trio.open_memory_channel(EVENT_BUFFER)
 
@@ -655,6 +661,12 @@ class Store:
                 "backing_files": len(self._holds),
                 "held_evicted_bytes": sum(h.size for h in self._holds.values() if h.dropped),
             },
+            "cold_watch": {
+                "active": self.watch is not None,
+                "reason": self.watch_reason,
+                "opens": s.opens_watched,
+                **(self.watch.snapshot() if self.watch is not None else {}),
+            },
             "evictions": s.evictions,
             "evicted_bytes": s.evicted_bytes,
             "invalidations": s.invalidations,
@@ -690,7 +702,10 @@ class Store:
 
     async def _open_cold(self, rel: str, check: Callable[[os.stat_result], None] | None = None
                          ) -> tuple[SharedFd, Entry, Version]:
+        token = self.watch.begin() if self.watch is not None else 0
         fd, st = await self.cold_call(self.cold.open, rel)
+        if self.watch is not None:
+            self.watch.note(rel, st, token)
         cold_fd = SharedFd(fd)
         if check is not None:
             try:
@@ -700,6 +715,35 @@ class Store:
                 raise
         e, version = self._refresh(rel, st)
         return cold_fd, e, version
+
+    def _open_watched(self, rel: str, check: Callable[[os.stat_result], None] | None
+                      ) -> tuple[None, Entry, Version] | None:
+        """Like _open_cold for a file with a verified fast copy whose cold
+        file the watch knows unchanged since a stat: without a cold call."""
+        st = self.watch.known(rel) if self.watch is not None else None
+        e = self.entries.get(rel)
+        if st is None or e is None or not (e.fast_bytes and e.verified) \
+                or e.version != version_of(st):
+            return None
+        if check is not None:
+            check(st)
+        self.stats.opens_watched += 1
+        return None, e, e.version
+
+    async def _cold_fd(self, h: Handle) -> SharedFd:
+        """h's cold file; opened now for an open that had none (its copy
+        went away under it): the same version, or the open fails."""
+        if h.cold_fd is None:
+            fd, st = await self.cold_call(self.cold.open, h.rel)
+            if version_of(st) != h.version:
+                os.close(fd)
+                raise OSError(errno.EIO, "the cold file changed while open and its fast "
+                              "copy is gone", h.rel)
+            if h.cold_fd is None:
+                h.cold_fd = SharedFd(fd)
+            else:  # another read of this handle got there first
+                os.close(fd)
+        return h.cold_fd
 
     def _open_fast(self, rel: str, e: Entry) -> int | None:
         """An fd of rel's copy if it may be served: verified, and unchanged
@@ -735,7 +779,8 @@ class Store:
         """Open rel for reading; `check` may refuse the cold file opened (its
         stat; by raising) before anything is counted. `held`: the kernel
         serves this open from a copy passthrough opens hold (counted fast)."""
-        cold_fd, e, version = await self._open_cold(rel, check)
+        cold_fd, e, version = self._open_watched(rel, check) or \
+            await self._open_cold(rel, check)
         rec = e.record
         h = Handle(rel, version, e, cold_fd, stream_of(pid))
         h.fast_fd = self._open_fast(rel, e)
@@ -786,9 +831,10 @@ class Store:
                     return data, True
                 self._copy_damaged(h.rel)
                 continue
+            cold_fd = await self._cold_fd(h)
             if not h.tried_promotion and not _active(h.entry.prom) and h.version[0] > 0:
                 h.tried_promotion = True
-                self._start_promotion(h.rel, h.entry, h.version, h.cold_fd)
+                self._start_promotion(h.rel, h.entry, h.version, cold_fd)
             if h.prom is not None:
                 prom = h.prom
                 usable, waited = await prom.ensure(off, size)
@@ -797,7 +843,7 @@ class Store:
                 if h.prom is prom:  # ended without moving this handle
                     h.prom = None
                 continue
-            data = await self.cold_call(in_thread(os.pread, size, off, fds=(h.cold_fd,)))
+            data = await self.cold_call(in_thread(os.pread, size, off, fds=(cold_fd,)))
             self.stats.cold_bytes_read += len(data)
             return data, False
 
@@ -835,7 +881,8 @@ class Store:
         h.entry.handles.discard(h)
         if h.fast_fd is not None:
             os.close(h.fast_fd)
-        h.cold_fd.close()
+        if h.cold_fd is not None:
+            h.cold_fd.close()
         h.fast_fd = None
         h.prom = None
 

@@ -109,6 +109,18 @@ def version_of(st: os.stat_result) -> tuple[int, int, int, int]:
     return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
 
 
+def fs_type(path: str) -> str:
+    """The type of the filesystem `path` is on, from the mount table."""
+    dev = os.stat(path).st_dev
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[2] == want and " - " in line:
+                return line.split(" - ", 1)[1].split()[0]
+    return ""
+
+
 class ColdTier:
     """The backing directory. aattsfs never writes to it."""
 
@@ -140,6 +152,10 @@ class ColdTier:
             return os.fstat(fd)
         finally:
             os.close(fd)
+
+    def dir_fd(self, rel: str) -> int:
+        """An O_PATH fd of the directory rel (to place a watch on it)."""
+        return self._open(rel, os.O_PATH | os.O_DIRECTORY)
 
     def exists(self, rel: str) -> bool:
         try:

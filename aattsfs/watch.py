@@ -1,0 +1,247 @@
+"""Knowing that a cold file is unchanged without asking the cold tier.
+
+Every open of a promoted file used to open and stat the cold file, in a
+worker thread (a hung cold tier must not stall the daemon): on these
+machines that thread hop is most of what an open costs the daemon, and a
+loader opens hundreds of files. On a local filesystem the kernel can tell
+instead: inotify watches on the cold directories report every change to
+their entries, synchronously with the change (the event is queued before
+the changing call returns). So once every pending event has been read, a
+stat taken after the watches were in place and with no event for the path
+since is still the file as it is, and an open may use it without a cold
+call (docs/reliability.md, "Opens without a cold-tier call"). What inotify
+cannot see (a write through a descriptor opened by another hard link, or
+through a shared mapping) is bounded: only files with one link are
+trusted, and stats at most MAX_AGE old (the kernel looks a path up again
+after its 1 s entry timeout, so an open normally follows a fresh stat).
+
+Synchronous, no trio: the trio thread reads the events and asks; only
+`add` runs in worker threads (with a cold directory open).
+
+A token orders stats against events: `begin()` reads the pending events
+and hands out the next generation; events read later count against that
+generation, so a stat is trusted only if no event for its path, or for a
+directory above it, was read at or after its token, and only if each of
+those directories was registered before the token. Conservative on
+purpose: an overflowed queue, a directory moved, deleted or re-registered,
+or too many remembered paths, distrust everything known before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import struct
+import time
+
+from .tiers import fs_type
+
+log = logging.getLogger(__name__)
+
+IN_MODIFY = 0x2
+IN_ATTRIB = 0x4
+IN_CLOSE_WRITE = 0x8
+IN_MOVED_FROM = 0x40
+IN_MOVED_TO = 0x80
+IN_CREATE = 0x100
+IN_DELETE = 0x200
+IN_DELETE_SELF = 0x400
+IN_MOVE_SELF = 0x800
+IN_UNMOUNT = 0x2000
+IN_Q_OVERFLOW = 0x4000
+IN_IGNORED = 0x8000
+IN_ONLYDIR = 0x01000000
+IN_ISDIR = 0x40000000
+MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE
+        | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR)
+SELF = IN_DELETE_SELF | IN_MOVE_SELF | IN_UNMOUNT | IN_IGNORED  # the directory itself
+_EVENT = struct.Struct("iIII")
+
+# Filesystems whose every change is made through this kernel, so inotify
+# sees it. Not NFS, SMB, Ceph, 9p, virtiofs, FUSE or overlayfs: another
+# host, or a lower layer, changes them behind the kernel's back.
+LOCAL = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "ramfs", "f2fs",
+                   "bcachefs", "jfs", "reiserfs", "nilfs2", "zfs", "vfat", "exfat", "ntfs3",
+                   "hfsplus"})
+MAX_AGE = 2.0  # seconds a stat is used at most (the kernel's entry timeout is 1 s)
+MAX_DIRS = 8192  # watches this daemon places; beyond, opens check the cold file
+MAX_PATHS = 1 << 20  # remembered stats (and change marks) before starting over
+
+
+def _ancestors(rel: str) -> list[str]:
+    """The directories above rel, the root ("") first."""
+    parts = rel.split("/")[:-1]
+    return [""] + ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+class ColdWatch:
+    def __init__(self, fd: int, root_wd: int) -> None:
+        self.fd = fd
+        self.gen = 1
+        self._dirs: dict[str, int] = {"": 0}  # watched directory -> generation registered
+        self._wd: dict[int, str] = {root_wd: ""}
+        self._changed: dict[str, int] = {}  # path -> generation of its last event
+        self._known: dict[str, tuple[os.stat_result, int, float]] = {}  # path -> (stat, token, when)
+        self._distrust_before = 0  # stats with older tokens are not trusted
+        self._full_warned = False
+        self.events = 0
+        self.overflows = 0
+
+    @classmethod
+    def start(cls, root: str, root_fd: int) -> "tuple[ColdWatch | None, str]":
+        """A watch of the cold directory (its root already watched), or None
+        and why not."""
+        fstype = fs_type(root)
+        if fstype not in LOCAL:
+            return None, (f"the cold directory is on {fstype or 'an unknown filesystem'}, "
+                          "which can change without this kernel seeing it")
+        fd = _LIBC.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if fd < 0:
+            return None, f"inotify: {os.strerror(ctypes.get_errno())}"
+        wd = _add(fd, root_fd)
+        if wd < 0:
+            os.close(fd)
+            return None, f"inotify: {os.strerror(-wd)}"
+        return cls(fd, wd), ""
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    # -- directories (add: worker threads; the rest: the trio thread) --------
+
+    def watching(self, rel_dir: str) -> bool:
+        return rel_dir in self._dirs
+
+    def registered(self, rel_dir: str) -> int | None:
+        """When rel_dir's watch was registered (None: it is not watched)."""
+        return self._dirs.get(rel_dir)
+
+    def add(self, dir_fd: int) -> int | None:
+        """In a worker thread: place a watch on the cold directory open as
+        dir_fd; its wd, for `register`."""
+        if len(self._wd) >= MAX_DIRS:
+            return None
+        wd = _add(self.fd, dir_fd)
+        if wd < 0:
+            if wd == -errno.ENOSPC and not self._full_warned:
+                self._full_warned = True
+                log.warning("no more inotify watches (fs.inotify.max_user_watches): opens "
+                            "in further cold directories check the cold file")
+            return None
+        return wd
+
+    def register(self, wd: int | None, rel_dir: str) -> None:
+        """Count rel_dir as watched from now on (stats taken before are not
+        trusted through it)."""
+        if wd is None:
+            return
+        old = self._wd.get(wd)
+        if old is not None and old != rel_dir:
+            self._forget_dir(old)  # the same directory, moved: known under a new name
+        self._wd[wd] = rel_dir
+        self._dirs[rel_dir] = self.gen
+
+    # -- stats ---------------------------------------------------------------
+
+    def begin(self) -> int:
+        """A token for a stat about to be taken."""
+        self.drain()
+        self.gen += 1
+        return self.gen
+
+    def note(self, rel: str, st: os.stat_result, token: int) -> None:
+        """rel's stat, taken after begin() gave `token`."""
+        old = self._known.get(rel)
+        if old is None or old[1] <= token:
+            if len(self._known) >= MAX_PATHS:
+                self._start_over()
+            self._known[rel] = (st, token, time.monotonic())
+
+    def known(self, rel: str) -> os.stat_result | None:
+        """rel's last noted stat if nothing can have changed it since."""
+        entry = self._known.get(rel)
+        if entry is None:
+            return None
+        self.drain()
+        st, token, when = entry
+        if (token <= self._distrust_before or self._changed.get(rel, 0) >= token
+                or time.monotonic() - when > MAX_AGE or st.st_nlink != 1):
+            del self._known[rel]
+            return None
+        for d in _ancestors(rel):
+            since = self._dirs.get(d)
+            if since is None or since >= token or self._changed.get(d, 0) >= token:
+                del self._known[rel]
+                return None
+        return st
+
+    # -- events --------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Read every pending event."""
+        while True:
+            try:
+                buf = os.read(self.fd, 64 * 1024)
+            except BlockingIOError:
+                return
+            except OSError as exc:  # never: but then trust nothing
+                log.warning("reading inotify events failed (%s)", exc.strerror)
+                self._start_over()
+                return
+            off = 0
+            while off < len(buf):
+                wd, mask, _cookie, n = _EVENT.unpack_from(buf, off)
+                name = buf[off + _EVENT.size:off + _EVENT.size + n].rstrip(b"\0")
+                off += _EVENT.size + n
+                self._event(wd, mask, name)
+
+    def _event(self, wd: int, mask: int, name: bytes) -> None:
+        self.events += 1
+        if mask & IN_Q_OVERFLOW:
+            self.overflows += 1
+            self._start_over()
+            return
+        d = self._wd.get(wd)
+        if d is None:
+            return  # a directory no longer registered
+        if mask & SELF or not name:
+            self._forget_dir(d)
+            if mask & IN_IGNORED:  # the watch is gone (even the root's)
+                del self._wd[wd]
+                self._dirs.pop(d, None)
+            return
+        rel = f"{d}/{os.fsdecode(name)}" if d else os.fsdecode(name)
+        self._changed[rel] = self.gen
+        self._known.pop(rel, None)
+        if mask & IN_ISDIR:
+            self._forget_dir(rel)
+        if len(self._changed) >= MAX_PATHS:
+            self._start_over()
+
+    def _forget_dir(self, rel_dir: str) -> None:
+        """rel_dir and everything below: unwatched until registered again."""
+        self._changed[rel_dir] = self.gen
+        prefix = f"{rel_dir}/" if rel_dir else ""
+        for d in [d for d in self._dirs if d == rel_dir or d.startswith(prefix)]:
+            if d:  # the root's watch lives as long as the mount
+                del self._dirs[d]
+
+    def _start_over(self) -> None:
+        self._distrust_before = self.gen
+        self._changed.clear()
+        self._known.clear()
+
+    def snapshot(self) -> dict:
+        return {"directories": len(self._dirs), "events": self.events,
+                "overflows": self.overflows}
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def _add(inotify_fd: int, dir_fd: int) -> int:
+    """inotify_add_watch on the directory open as dir_fd: its wd, or -errno."""
+    wd = _LIBC.inotify_add_watch(inotify_fd, f"/proc/self/fd/{dir_fd}".encode(), MASK)
+    return wd if wd >= 0 else -ctypes.get_errno()
