@@ -231,7 +231,14 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def readlink(self, inode, ctx):
-        target = await self._cold(self.cold.readlink, self.ns.path(inode))
+        try:
+            target = await self._cold(self.cold.readlink, self.ns.path(inode))
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.ENOENT):
+                # no longer a link, or gone: the kernel looks the path up
+                # again and retries once
+                raise FUSEError(errno.ESTALE) from None
+            raise
         if target is None:
             raise FUSEError(errno.ENOENT)
         return os.fsencode(target)
@@ -326,9 +333,15 @@ class Operations(pyfuse3.Operations):
             else:
                 self._files[fh] = control.render(self.store, name)
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
-        h = await self.store.open(self.ns.path(inode), ctx.pid,
-                                  functools.partial(self._check_version, inode),
-                                  held=self.modes.passthrough(inode))
+        try:
+            h = await self.store.open(self.ns.path(inode), ctx.pid,
+                                      functools.partial(self._check_version, inode),
+                                      held=self.modes.passthrough(inode),
+                                      lazy_cold=self.modes.enabled)
+        except FileNotFoundError:
+            # The path names nothing now, or a symlink (which the daemon does
+            # not follow): the kernel looks it up again and retries once
+            raise FUSEError(errno.ESTALE) from None
         if self.modes.damaged(inode):
             # Its live opens read a changed copy in the kernel, and a new
             # open would have to join them: give the path a new inode, and
@@ -342,6 +355,15 @@ class Operations(pyfuse3.Operations):
         # a disk for an unaligned buffer, where the daemon takes any)
         bid = self.modes.open(inode, None if flags & os.O_DIRECT else h.fast_fd,
                               h.entry.fast_bytes, ctx.uid, functools.partial(self.store.hold, h))
+        if not bid and h.cold_fd is None:
+            # Served by the daemon: keep the cold file this open found, for
+            # reads after an eviction (docs/reliability.md)
+            try:
+                await self.store.attach_cold(h)
+            except BaseException:
+                self.modes.release(inode, 0)
+                self.store.release(h)
+                raise
         fh = self._new_fh(bid)
         self._files[fh] = h
         self._inos[fh] = inode

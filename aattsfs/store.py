@@ -398,7 +398,7 @@ class Stats:
     copies_corrupt: int = 0  # copies that did not: dropped, never served
     passthrough_opens: int = 0  # opens the kernel served from a fast copy itself
     passthrough_bytes: int = 0  # the sizes of the files opened so (reads are not seen)
-    opens_watched: int = 0  # opens of fast copies that needed no cold-tier call (watch.py)
+    opens_watched: int = 0  # passthrough opens that needed no cold-tier call (watch.py)
 
 
 class Store:
@@ -702,10 +702,17 @@ class Store:
 
     async def _open_cold(self, rel: str, check: Callable[[os.stat_result], None] | None = None
                          ) -> tuple[SharedFd, Entry, Version]:
-        token = self.watch.begin() if self.watch is not None else 0
-        fd, st = await self.cold_call(self.cold.open, rel)
-        if self.watch is not None:
-            self.watch.note(rel, st, token)
+        w = self.watch
+        if w is None:
+            fd, st = await self.cold_call(self.cold.open, rel)
+        else:
+            token = w.begin()
+            if w.watching(rel, is_dir=False):
+                fd, st = await self.cold_call(self.cold.open, rel)
+            else:
+                fd, st, wd = await self.cold_call(self._open_watched_cold, w, rel)
+                w.register(wd, rel, is_dir=False)
+            w.note(rel, st, token)
         cold_fd = SharedFd(fd)
         if check is not None:
             try:
@@ -715,6 +722,11 @@ class Store:
                 raise
         e, version = self._refresh(rel, st)
         return cold_fd, e, version
+
+    def _open_watched_cold(self, w: ColdWatch, rel: str) -> tuple[int, os.stat_result, int | None]:
+        """In a worker thread: cold.open(rel), and a watch on the file."""
+        fd, st = self.cold.open(rel)
+        return fd, st, w.add(fd, is_dir=False)
 
     def _open_watched(self, rel: str, check: Callable[[os.stat_result], None] | None
                       ) -> tuple[None, Entry, Version] | None:
@@ -727,21 +739,20 @@ class Store:
             return None
         if check is not None:
             check(st)
-        self.stats.opens_watched += 1
         return None, e, e.version
 
-    async def _cold_fd(self, h: Handle) -> SharedFd:
-        """h's cold file; opened now for an open that had none (its copy
-        went away under it): the same version, or the open fails."""
+    async def attach_cold(self, h: Handle) -> SharedFd:
+        """h's cold file, opened now if its open had none: the version the
+        open found, or ESTALE (the kernel then looks the path up again)."""
         if h.cold_fd is None:
             fd, st = await self.cold_call(self.cold.open, h.rel)
             if version_of(st) != h.version:
                 os.close(fd)
-                raise OSError(errno.EIO, "the cold file changed while open and its fast "
-                              "copy is gone", h.rel)
+                raise OSError(errno.ESTALE, "the cold file changed since it was opened",
+                              h.rel)
             if h.cold_fd is None:
                 h.cold_fd = SharedFd(fd)
-            else:  # another read of this handle got there first
+            else:  # another call for this handle got there first
                 os.close(fd)
         return h.cold_fd
 
@@ -775,11 +786,14 @@ class Store:
 
     async def open(self, rel: str, pid: int = 0,
                    check: Callable[[os.stat_result], None] | None = None,
-                   held: bool = False) -> Handle:
+                   held: bool = False, lazy_cold: bool = False) -> Handle:
         """Open rel for reading; `check` may refuse the cold file opened (its
         stat; by raising) before anything is counted. `held`: the kernel
-        serves this open from a copy passthrough opens hold (counted fast)."""
-        cold_fd, e, version = self._open_watched(rel, check) or \
+        serves this open from a copy passthrough opens hold (counted fast).
+        `lazy_cold`: a handle without a cold fd will do if the watch vouches
+        for the fast copy (a passthrough open never reads through the
+        daemon; `attach_cold` gives it one otherwise)."""
+        cold_fd, e, version = (lazy_cold and self._open_watched(rel, check)) or \
             await self._open_cold(rel, check)
         rec = e.record
         h = Handle(rel, version, e, cold_fd, stream_of(pid))
@@ -831,7 +845,7 @@ class Store:
                     return data, True
                 self._copy_damaged(h.rel)
                 continue
-            cold_fd = await self._cold_fd(h)
+            cold_fd = await self.attach_cold(h)
             if not h.tried_promotion and not _active(h.entry.prom) and h.version[0] > 0:
                 h.tried_promotion = True
                 self._start_promotion(h.rel, h.entry, h.version, cold_fd)
@@ -852,6 +866,8 @@ class Store:
         reads never reach the store, so it needs no fd of the copy."""
         self.stats.passthrough_opens += 1
         self.stats.passthrough_bytes += h.version[0]
+        if h.cold_fd is None:
+            self.stats.opens_watched += 1
         if h.fast_fd is not None:
             os.close(h.fast_fd)
             h.fast_fd = None

@@ -2,29 +2,31 @@
 
 Every open of a promoted file used to open and stat the cold file, in a
 worker thread (a hung cold tier must not stall the daemon): on these
-machines that thread hop is most of what an open costs the daemon, and a
+machines that thread hop was most of what an open cost the daemon, and a
 loader opens hundreds of files. On a local filesystem the kernel can tell
-instead: inotify watches on the cold directories report every change to
-their entries, synchronously with the change (the event is queued before
-the changing call returns). So once every pending event has been read, a
-stat taken after the watches were in place and with no event for the path
-since is still the file as it is, and an open may use it without a cold
-call (docs/reliability.md, "Opens without a cold-tier call"). What inotify
-cannot see (a write through a descriptor opened by another hard link, or
-through a shared mapping) is bounded: only files with one link are
-trusted, and stats at most MAX_AGE old (the kernel looks a path up again
-after its 1 s entry timeout, so an open normally follows a fresh stat).
+instead. inotify queues an event synchronously with each change, before
+the changing call returns; a directory's watch sees its names created,
+removed, renamed, written or changed, and a file's own watch sees writes
+and attribute changes made through any name or descriptor (another hard
+link, a name since removed). So with both in place, once every pending
+event has been read, a stat taken after the watches were registered, with
+no event for the file or a directory above it since, is still the file as
+it is: an open may use it without a cold call (docs/reliability.md,
+"Opens without a cold-tier call"). What inotify does not see, a write
+through a shared mapping, is bounded: no stat older than MAX_AGE is used
+(the kernel looks a path up again after its 1 s entry timeout, so an open
+normally follows a fresh stat anyway).
 
 Synchronous, no trio: the trio thread reads the events and asks; only
-`add` runs in worker threads (with a cold directory open).
+`add` runs in worker threads (with the cold directory or file open).
 
 A token orders stats against events: `begin()` reads the pending events
-and hands out the next generation; events read later count against that
-generation, so a stat is trusted only if no event for its path, or for a
-directory above it, was read at or after its token, and only if each of
-those directories was registered before the token. Conservative on
-purpose: an overflowed queue, a directory moved, deleted or re-registered,
-or too many remembered paths, distrust everything known before.
+and hands out the next generation, and events read later count against
+it. A stat is trusted only if no event for its path or a directory above
+it was read at or after its token, and the file and each of those
+directories were registered before the token. Conservative on purpose:
+an overflowed queue, a directory moved, deleted or re-registered, or too
+many remembered paths distrust everything known before.
 """
 
 from __future__ import annotations
@@ -54,9 +56,9 @@ IN_Q_OVERFLOW = 0x4000
 IN_IGNORED = 0x8000
 IN_ONLYDIR = 0x01000000
 IN_ISDIR = 0x40000000
-MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE
-        | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR)
-SELF = IN_DELETE_SELF | IN_MOVE_SELF | IN_UNMOUNT | IN_IGNORED  # the directory itself
+FILE_MASK = IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_DELETE_SELF | IN_MOVE_SELF
+DIR_MASK = FILE_MASK | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE | IN_ONLYDIR
+SELF = IN_DELETE_SELF | IN_MOVE_SELF | IN_UNMOUNT | IN_IGNORED  # the watched object itself
 _EVENT = struct.Struct("iIII")
 
 # Filesystems whose every change is made through this kernel, so inotify
@@ -66,7 +68,7 @@ LOCAL = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "ramfs", "f2
                    "bcachefs", "jfs", "reiserfs", "nilfs2", "zfs", "vfat", "exfat", "ntfs3",
                    "hfsplus"})
 MAX_AGE = 2.0  # seconds a stat is used at most (the kernel's entry timeout is 1 s)
-MAX_DIRS = 8192  # watches this daemon places; beyond, opens check the cold file
+MAX_WATCHES = 16384  # inotify watches this daemon places; beyond, opens check cold
 MAX_PATHS = 1 << 20  # remembered stats (and change marks) before starting over
 
 
@@ -80,8 +82,10 @@ class ColdWatch:
     def __init__(self, fd: int, root_wd: int) -> None:
         self.fd = fd
         self.gen = 1
-        self._dirs: dict[str, int] = {"": 0}  # watched directory -> generation registered
-        self._wd: dict[int, str] = {root_wd: ""}
+        # watched directory or file -> the generation it was registered in
+        self._dirs: dict[str, int] = {"": 0}
+        self._files: dict[str, int] = {}
+        self._wd: dict[int, tuple[str, bool]] = {root_wd: ("", True)}  # wd -> (path, is a dir)
         self._changed: dict[str, int] = {}  # path -> generation of its last event
         self._known: dict[str, tuple[os.stat_result, int, float]] = {}  # path -> (stat, token, when)
         self._distrust_before = 0  # stats with older tokens are not trusted
@@ -100,7 +104,7 @@ class ColdWatch:
         fd = _LIBC.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         if fd < 0:
             return None, f"inotify: {os.strerror(ctypes.get_errno())}"
-        wd = _add(fd, root_fd)
+        wd = _add(fd, root_fd, DIR_MASK)
         if wd < 0:
             os.close(fd)
             return None, f"inotify: {os.strerror(-wd)}"
@@ -109,39 +113,39 @@ class ColdWatch:
     def close(self) -> None:
         os.close(self.fd)
 
-    # -- directories (add: worker threads; the rest: the trio thread) --------
+    # -- watches (add: worker threads; the rest: the trio thread) ------------
 
-    def watching(self, rel_dir: str) -> bool:
-        return rel_dir in self._dirs
+    def watching(self, rel: str, is_dir: bool = True) -> bool:
+        return rel in (self._dirs if is_dir else self._files)
 
     def registered(self, rel_dir: str) -> int | None:
         """When rel_dir's watch was registered (None: it is not watched)."""
         return self._dirs.get(rel_dir)
 
-    def add(self, dir_fd: int) -> int | None:
-        """In a worker thread: place a watch on the cold directory open as
-        dir_fd; its wd, for `register`."""
-        if len(self._wd) >= MAX_DIRS:
+    def add(self, fd: int, is_dir: bool = True) -> int | None:
+        """In a worker thread: place a watch on the cold directory or file
+        open as fd; its wd, for `register`."""
+        if len(self._wd) >= MAX_WATCHES:
             return None
-        wd = _add(self.fd, dir_fd)
+        wd = _add(self.fd, fd, DIR_MASK if is_dir else FILE_MASK)
         if wd < 0:
             if wd == -errno.ENOSPC and not self._full_warned:
                 self._full_warned = True
                 log.warning("no more inotify watches (fs.inotify.max_user_watches): opens "
-                            "in further cold directories check the cold file")
+                            "of further cold files check the cold file")
             return None
         return wd
 
-    def register(self, wd: int | None, rel_dir: str) -> None:
-        """Count rel_dir as watched from now on (stats taken before are not
+    def register(self, wd: int | None, rel: str, is_dir: bool = True) -> None:
+        """Count rel as watched from now on (stats taken before are not
         trusted through it)."""
         if wd is None:
             return
         old = self._wd.get(wd)
-        if old is not None and old != rel_dir:
-            self._forget_dir(old)  # the same directory, moved: known under a new name
-        self._wd[wd] = rel_dir
-        self._dirs[rel_dir] = self.gen
+        if old is not None and old != (rel, is_dir):
+            self._forget(*old)  # the same inode, known under another name now
+        self._wd[wd] = (rel, is_dir)
+        (self._dirs if is_dir else self._files)[rel] = self.gen
 
     # -- stats ---------------------------------------------------------------
 
@@ -166,14 +170,15 @@ class ColdWatch:
             return None
         self.drain()
         st, token, when = entry
+        since = self._files.get(rel)
         if (token <= self._distrust_before or self._changed.get(rel, 0) >= token
-                or time.monotonic() - when > MAX_AGE or st.st_nlink != 1):
-            del self._known[rel]
+                or since is None or since >= token or time.monotonic() - when > MAX_AGE):
+            self._known.pop(rel, None)
             return None
         for d in _ancestors(rel):
             since = self._dirs.get(d)
             if since is None or since >= token or self._changed.get(d, 0) >= token:
-                del self._known[rel]
+                self._known.pop(rel, None)
                 return None
         return st
 
@@ -203,28 +208,38 @@ class ColdWatch:
             self.overflows += 1
             self._start_over()
             return
-        d = self._wd.get(wd)
-        if d is None:
-            return  # a directory no longer registered
+        watched = self._wd.get(wd)
+        if watched is None:
+            return  # no longer registered
+        if len(self._changed) >= MAX_PATHS:
+            self._start_over()
+        d, is_dir = watched
+        if mask & IN_IGNORED:  # the watch is gone (even the root's)
+            del self._wd[wd]
+            (self._dirs if is_dir else self._files).pop(d, None)
+        if not is_dir:  # written, truncated, linked, renamed: through any name
+            self._changed[d] = self.gen
+            self._known.pop(d, None)
+            return
         if mask & SELF or not name:
-            self._forget_dir(d)
-            if mask & IN_IGNORED:  # the watch is gone (even the root's)
-                del self._wd[wd]
-                self._dirs.pop(d, None)
+            self._forget(d, True)
             return
         rel = f"{d}/{os.fsdecode(name)}" if d else os.fsdecode(name)
         self._changed[rel] = self.gen
         self._known.pop(rel, None)
         if mask & IN_ISDIR:
-            self._forget_dir(rel)
-        if len(self._changed) >= MAX_PATHS:
-            self._start_over()
+            self._forget(rel, True)
 
-    def _forget_dir(self, rel_dir: str) -> None:
-        """rel_dir and everything below: unwatched until registered again."""
-        self._changed[rel_dir] = self.gen
-        prefix = f"{rel_dir}/" if rel_dir else ""
-        for d in [d for d in self._dirs if d == rel_dir or d.startswith(prefix)]:
+    def _forget(self, rel: str, is_dir: bool) -> None:
+        """rel, and for a directory everything below it: changed, and not
+        trusted through its old watch again (until registered again)."""
+        self._changed[rel] = self.gen
+        self._known.pop(rel, None)
+        if not is_dir:
+            self._files.pop(rel, None)
+            return
+        prefix = f"{rel}/" if rel else ""
+        for d in [d for d in self._dirs if d == rel or d.startswith(prefix)]:
             if d:  # the root's watch lives as long as the mount
                 del self._dirs[d]
 
@@ -241,7 +256,7 @@ class ColdWatch:
 _LIBC = ctypes.CDLL(None, use_errno=True)
 
 
-def _add(inotify_fd: int, dir_fd: int) -> int:
-    """inotify_add_watch on the directory open as dir_fd: its wd, or -errno."""
-    wd = _LIBC.inotify_add_watch(inotify_fd, f"/proc/self/fd/{dir_fd}".encode(), MASK)
+def _add(inotify_fd: int, fd: int, mask: int) -> int:
+    """inotify_add_watch on what fd is open on: its wd, or -errno."""
+    wd = _LIBC.inotify_add_watch(inotify_fd, f"/proc/self/fd/{fd}".encode(), mask)
     return wd if wd >= 0 else -ctypes.get_errno()

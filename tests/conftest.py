@@ -214,6 +214,36 @@ def fast_tmpfs(tmp_path):
             subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+@pytest.fixture
+def overlay_dir(tmp_path, fast_tmpfs):
+    """make() -> an empty directory on overlayfs (lower, upper and work dirs
+    on a tmpfs of their own). The daemon takes it as a fast tier (it has
+    user xattrs) but the kernel refuses it as the backing file of a
+    passthrough open (a stacked filesystem); as a cold tier, a filesystem
+    that changes behind the kernel's back (its lower layer). Unmounted after
+    the mounts on it (requested before `mounter`)."""
+    mounted: list[Path] = []
+
+    def make() -> Path:
+        base = fast_tmpfs(256 * MiB)
+        for d in ("lower", "upper", "work"):
+            (base / d).mkdir()
+        (base / "upper").chmod(0o700)
+        path = tmp_path / f"overlay{len(mounted)}"
+        path.mkdir()
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        f"lowerdir={base}/lower,upperdir={base}/upper,workdir={base}/work",
+                        str(path)], check=True)
+        mounted.append(path)
+        return path
+
+    try:
+        yield make
+    finally:
+        for path in reversed(mounted):
+            subprocess.run(["umount", "-l", str(path)], check=False)
+
+
 def write_random(path: Path, size: int, seed: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(random.Random(seed).randbytes(size))

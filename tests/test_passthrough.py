@@ -88,40 +88,11 @@ def cold_state(model_cold):
     return load_state(model_cold / "gpt2")
 
 
-@pytest.fixture
-def overlay_fast(tmp_path, fast_tmpfs):
-    """make() -> an empty directory on overlayfs (lower, upper and work dirs
-    on a tmpfs of their own): a filesystem the daemon accepts as a fast
-    tier (it has user xattrs) but the kernel refuses as the backing file of
-    a passthrough open (a stacked filesystem). Unmounted after the mounts
-    on it (requested before `mounter`)."""
-    mounted: list[Path] = []
-
-    def make() -> Path:
-        base = fast_tmpfs(256 * MiB)
-        for d in ("lower", "upper", "work"):
-            (base / d).mkdir()
-        (base / "upper").chmod(0o700)
-        path = tmp_path / f"overlay-fast{len(mounted)}"
-        path.mkdir()
-        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                        f"lowerdir={base}/lower,upperdir={base}/upper,workdir={base}/work",
-                        str(path)], check=True)
-        mounted.append(path)
-        return path
-
-    try:
-        yield make
-    finally:
-        for path in reversed(mounted):
-            subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def mount_in_mode(mode: str, cold: Path, mounter, overlay_fast, **kw):
+def mount_in_mode(mode: str, cold: Path, mounter, overlay_dir, **kw):
     """A mount with passthrough `mode`: on, off, auto, or unavailable (auto
     with the fast dir on overlayfs)."""
     if mode == "unavailable":
-        m = mounter(cold, fast=overlay_fast(), extra=["--passthrough", "auto"], **kw)
+        m = mounter(cold, fast=overlay_dir(), extra=["--passthrough", "auto"], **kw)
     else:
         m = mounter(cold, extra=["--passthrough", mode], **kw)
     return m, started(m)
@@ -269,7 +240,7 @@ class Problems:
 
 @needs_kernel
 @pytest.mark.parametrize("mode", ["on", "off", "unavailable"])
-def test_bytes_match_the_cold_files_in_every_mode(mode, model_cold, cold_state, overlay_fast,
+def test_bytes_match_the_cold_files_in_every_mode(mode, model_cold, cold_state, overlay_dir,
                                                   mounter):
     """read, pread at random offsets, mmap (raw and through safetensors)
     and from_pretrained return the cold files' bytes, first while the files
@@ -277,7 +248,7 @@ def test_bytes_match_the_cold_files_in_every_mode(mode, model_cold, cold_state, 
     passthrough when it is on)."""
     rng = random.Random(f"bytes-{mode}")
     files = files_of(model_cold)
-    m, pt = mount_in_mode(mode, model_cold, mounter, overlay_fast, fast_size="64M")
+    m, pt = mount_in_mode(mode, model_cold, mounter, overlay_dir, fast_size="64M")
     if mode == "on":
         assert pt["active"] is True and pt["reason"] == "", pt
     elif mode == "off":
@@ -318,14 +289,14 @@ def test_bytes_match_the_cold_files_in_every_mode(mode, model_cold, cold_state, 
 # -- unavailable: what auto and on say ----------------------------------------
 
 @needs_kernel
-def test_auto_on_a_fast_dir_that_cannot_back_passthrough_says_why(tmp_path, overlay_fast,
+def test_auto_on_a_fast_dir_that_cannot_back_passthrough_says_why(tmp_path, overlay_dir,
                                                                   mounter):
     """auto on an overlayfs fast dir: the mount works without passthrough,
     and stats and one log line say why, in words that lead to the fix (the
     fast dir's filesystem), the same words in both."""
     cold = tmp_path / "cold"
     want = write_random(cold / "f.bin", 3 * MiB + 5, 3).read_bytes()
-    m = mounter(cold, fast=overlay_fast(), extra=["--passthrough", "auto"])
+    m = mounter(cold, fast=overlay_dir(), extra=["--passthrough", "auto"])
     pt = started(m)
     assert pt["mode"] == "auto" and pt["active"] is False and pt["reason"], pt
     os.setxattr(m.path("f.bin"), TIER, b"fast")
@@ -351,7 +322,7 @@ def _unmount_if_left(mnt: Path) -> None:
 
 @needs_kernel
 @pytest.mark.parametrize("how", ["foreground", "daemon"])
-def test_on_fails_at_mount_where_it_cannot_work(how, tmp_path, overlay_fast):
+def test_on_fails_at_mount_where_it_cannot_work(how, tmp_path, overlay_dir):
     """--passthrough on with an overlayfs fast dir: non-zero exit, one
     error line naming passthrough (in the foreground, beside the log; from
     the detached mount, alone on the terminal), no traceback, nothing left
@@ -360,7 +331,7 @@ def test_on_fails_at_mount_where_it_cannot_work(how, tmp_path, overlay_fast):
     write_random(cold / "f.bin", MiB, 1)
     mnt.mkdir()
     try:
-        proc = run_cli(*_mount_argv(cold, mnt, overlay_fast(), state),
+        proc = run_cli(*_mount_argv(cold, mnt, overlay_dir(), state),
                        *(["--foreground"] if how == "foreground" else []),
                        check=False, timeout=120)
     finally:

@@ -1,0 +1,271 @@
+"""Opens without a cold-tier call (aattsfs/watch.py, docs/reliability.md).
+
+While inotify reports no change to a cold file (and to the directories
+above it), a passthrough open of its fast copy uses the daemon's last stat
+of it instead of opening the cold file. These tests make sure such opens really
+happen (the daemon's `cold_watch.opens` counter moves), and then that every
+way of changing the cold tree is seen by the very next open, with no pause
+in between: the bytes read through the mount are compared with the cold
+file's each time. Also: --cold-watch off, --passthrough off (opens the
+daemon serves keep their cold file), a cold tier the kernel cannot watch
+for changes (overlayfs), and an overflowed event queue.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from aattsfs import passthrough
+from aattsfs.watch import ColdWatch
+from conftest import MiB, write_random
+
+KERNEL_TOO_OLD = passthrough._kernel_ok()
+pytestmark = pytest.mark.skipif(bool(KERNEL_TOO_OLD), reason=KERNEL_TOO_OLD)
+
+FILES = [f"m/f{i}.bin" for i in range(4)]
+
+
+@pytest.fixture
+def cold(tmp_path) -> Path:
+    root = tmp_path / "cold"
+    for i, rel in enumerate(FILES):
+        write_random(root / rel, MiB + 1000 * i, i)
+    return root
+
+
+def watched_opens(m) -> int:
+    return m.stats()["cold_watch"]["opens"]
+
+
+def read_checked(m, cold: Path, rel: str) -> bytes:
+    data = m.path(rel).read_bytes()
+    assert data == (cold / rel).read_bytes(), f"{rel}: the mount served other bytes"
+    return data
+
+
+def promote(m, cold: Path) -> None:
+    for rel in FILES:
+        read_checked(m, cold, rel)
+    for rel in FILES:
+        m.wait_tier(rel)
+
+
+def open_watched(m, cold: Path, rel: str) -> None:
+    """Open rel through the mount until an open needs no cold call (the
+    first ones place the watch and take the stat the next one uses)."""
+    for _ in range(5):
+        before = watched_opens(m)
+        read_checked(m, cold, rel)
+        if watched_opens(m) > before:
+            return
+    pytest.fail(f"no open of {rel} went without a cold-tier call: the watch never engaged")
+
+
+def _rewrite(cold: Path, rel: str, rng: random.Random) -> None:
+    p = cold / rel
+    with open(p, "r+b") as f:  # same size, other bytes in the middle
+        f.seek(p.stat().st_size // 2)
+        f.write(rng.randbytes(4096))
+
+
+def _truncate(cold: Path, rel: str, rng: random.Random) -> None:
+    os.truncate(cold / rel, rng.randrange(1, MiB))
+
+
+def _replace(cold: Path, rel: str, rng: random.Random) -> None:
+    tmp = cold / "m" / ".new"
+    tmp.write_bytes(rng.randbytes(MiB))
+    os.rename(tmp, cold / rel)
+
+
+def _symlink(cold: Path, rel: str, rng: random.Random) -> None:
+    (cold / rel).unlink()
+    os.symlink(Path(FILES[-1]).name, cold / rel)
+
+
+def _swap_dir(cold: Path, rel: str, rng: random.Random) -> None:
+    """The whole directory renamed away, another with the same names put in
+    its place."""
+    new = cold / "m.new"
+    shutil.copytree(cold / "m", new, symlinks=True)
+    for p in new.iterdir():
+        if p.is_file() and not p.is_symlink():
+            p.write_bytes(rng.randbytes(p.stat().st_size))
+    os.rename(cold / "m", cold / f"m.old{rng.random()}")
+    os.rename(new, cold / "m")
+
+
+def _hard_link(cold: Path, rel: str, rng: random.Random) -> None:
+    """Written through another name of the same file: no event names rel."""
+    other = cold / "elsewhere"
+    other.mkdir(exist_ok=True)
+    link = other / f"link{rng.random()}"
+    os.link(cold / rel, link)
+    with open(link, "r+b") as f:
+        f.write(rng.randbytes(4096))
+
+
+CHANGES = {"rewritten in place": _rewrite, "truncated": _truncate,
+           "replaced by rename": _replace, "swapped for a symlink": _symlink,
+           "directory swapped": _swap_dir, "written through a hard link": _hard_link}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_the_next_open_sees_every_change(change, cold, mounter):
+    m = mounter(cold, extra=["--passthrough", "on"])
+    assert m.stats()["cold_watch"]["active"], m.stats()["cold_watch"]
+    promote(m, cold)
+    rng = random.Random(change)
+    rel = FILES[0]
+    for _ in range(3):
+        open_watched(m, cold, rel)
+        CHANGES[change](cold, rel, rng)
+        read_checked(m, cold, rel)  # at once: no sleep between change and open
+        for other in FILES[1:]:
+            read_checked(m, cold, other)
+        if change != "swapped for a symlink":
+            m.wait_tier(rel)  # promoted again: the next round's open can be watched
+        else:
+            (cold / rel).unlink()
+            write_random(cold / rel, MiB, rng.randrange(1 << 30))
+            read_checked(m, cold, rel)
+            m.wait_tier(rel)
+
+
+def test_an_overflowed_event_queue_trusts_nothing_it_knew(cold, mounter):
+    """More events than the kernel queues (fs.inotify.max_queued_events):
+    the lost ones may have named any file, so no stat from before is used;
+    a file changed once the queue was full is served as it is now."""
+    m = mounter(cold, extra=["--passthrough", "on"])
+    promote(m, cold)
+    for rel in FILES:
+        open_watched(m, cold, rel)
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    storm = [cold / "m" / "storm0", cold / "m" / "storm1"]
+    for p in storm:
+        p.write_bytes(b"")
+    for i in range(limit + 1000):  # alternating: inotify merges an event with the last one
+        os.utime(storm[i % 2], (i, i))
+    _rewrite(cold, FILES[1], random.Random(1))  # its events are lost: the queue is full
+    for rel in FILES:
+        read_checked(m, cold, rel)
+    assert m.stats()["cold_watch"]["overflows"] >= 1
+    m.wait_tier(FILES[1])
+    open_watched(m, cold, FILES[1])  # and it recovers
+
+
+@pytest.mark.parametrize("where", ["--cold-watch off", "--passthrough off",
+                                   "cold tier on overlayfs"])
+def test_without_the_watch_every_open_checks_the_cold_file(where, tmp_path, cold,
+                                                            overlay_dir, mounter):
+    if where == "cold tier on overlayfs":
+        root = overlay_dir()
+        shutil.copytree(cold, root, dirs_exist_ok=True)
+        cold = root
+        m = mounter(cold)
+        reason = "overlay"
+    else:
+        m = mounter(cold, extra=where.split())
+        reason = where
+    state = m.stats()["cold_watch"]
+    if where == "--passthrough off":  # watching, but the daemon serves every open
+        assert state["active"], state
+    else:
+        assert not state["active"] and reason in state["reason"], state
+    promote(m, cold)
+    for _ in range(3):
+        for rel in FILES:
+            read_checked(m, cold, rel)
+    assert watched_opens(m) == 0
+    _rewrite(cold, FILES[0], random.Random(0))
+    read_checked(m, cold, FILES[0])
+    if not state["active"]:
+        log = m.log.read_text()
+        assert "cold watch off: " in log and reason in log
+
+
+# -- the watch alone, on a real directory and real inotify (no mount) -------
+
+
+def storm(d: Path) -> None:
+    """More events than the kernel queues, alternating between two names
+    (inotify merges an event with the one queued just before)."""
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    names = [d / "storm0", d / "storm1"]
+    for p in names:
+        p.write_bytes(b"")
+    for i in range(limit + 1000):
+        os.utime(names[i % 2], (i, i))
+
+
+@pytest.fixture
+def watched(tmp_path):
+    """(watch, root, note): a ColdWatch of tmp_path/root with d/ and d/x
+    registered; note(rel) stats rel the way the daemon does and notes it."""
+    root = tmp_path / "root"
+    write_random(root / "d" / "x", 4096, 0)
+    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    w, why = ColdWatch.start(str(root), root_fd)
+    assert w is not None, why
+    for rel, is_dir in (("d", True), ("d/x", False)):
+        fd = os.open(root / rel, os.O_RDONLY)
+        w.register(w.add(fd, is_dir), rel, is_dir)
+        os.close(fd)
+
+    def note(rel: str) -> os.stat_result:
+        token = w.begin()
+        st = os.lstat(root / rel)
+        w.note(rel, st, token)
+        return st
+
+    yield w, root, note
+    w.close()
+    os.close(root_fd)
+
+
+def test_watch_vouches_until_any_change(watched, tmp_path):
+    w, root, note = watched
+    st = note("d/x")
+    assert w.known("d/x") == st
+    os.link(root / "d" / "x", tmp_path / "elsewhere")  # no event in d: the file's own
+    assert w.known("d/x") is None
+    assert w.known("d/x") is None  # and it stays forgotten until a new stat
+    st = note("d/x")
+    assert w.known("d/x") == st
+
+
+def test_watch_forgets_what_a_moved_directory_held(watched):
+    w, root, note = watched
+    note("d/x")
+    os.rename(root / "d", root / "d.old")
+    write_random(root / "d" / "x", 4096, 1)
+    assert w.known("d/x") is None
+    note("d/x")  # the new d is not watched yet: nothing vouches for it
+    assert w.known("d/x") is None
+
+
+def test_watch_overflow_distrusts_everything_known_before(watched):
+    w, root, note = watched
+    note("d/x")
+    storm(root)
+    assert w.known("d/x") is None
+    assert w.overflows == 1
+    st = note("d/x")  # a stat taken after the overflow was read is fine
+    assert w.known("d/x") == st
+
+
+def test_a_stat_taken_while_a_change_lands_is_not_trusted(watched):
+    """The event of a change made after begin() but read only after the
+    stat came back counts against that stat."""
+    w, root, note = watched
+    token = w.begin()
+    st = os.lstat(root / "d" / "x")
+    with open(root / "d" / "x", "r+b") as f:
+        f.write(b"changed")
+    w.note("d/x", st, token)
+    assert w.known("d/x") is None
