@@ -301,10 +301,14 @@ def status(mountpoint, as_json):
     hit = f"{fast_opens / opens:.2f}" if fast_opens is not None and opens else "-"
     ft = s.get("fast_tier") if isinstance(s, dict) else None
     policy = ft.get("policy") if isinstance(ft, dict) else None
-    pt = s.get("passthrough") if isinstance(s, dict) else None
-    pt = pt if isinstance(pt, dict) else {}
-    pt_state = "?" if "active" not in pt else "on" if pt["active"] is True else \
-        f"off ({pt.get('reason') or '?'})"
+
+    def on_off(section: str) -> str:
+        sec = s.get(section) if isinstance(s, dict) else None
+        sec = sec if isinstance(sec, dict) else {}
+        return "?" if "active" not in sec else "on" if sec["active"] is True else \
+            f"off ({sec.get('reason') or '?'})"
+
+    pt_state, cw_state = on_off("passthrough"), on_off("cold_watch")
     rows = [
         ("fast tier", f"{size('fast_tier', 'used_bytes')} of {size('fast_tier', 'budget_bytes')} "
                       f"({use}), {count('fast_tier', 'files')} files, "
@@ -318,6 +322,8 @@ def status(mountpoint, as_json):
         ("passthrough", f"{pt_state}; {count('passthrough', 'opens')} opens of "
                         f"{size('passthrough', 'opened_bytes')}, "
                         f"{count('passthrough', 'backing_files')} backing files"),
+        ("cold watch", f"{cw_state}; {count('cold_watch', 'opens')} opens without a "
+                       "cold-tier call"),
         ("cold bytes read", size("cold_bytes_read")),
         ("prefetched", f"{count('prefetch', 'prefetches')} files "
                        f"({size('prefetch', 'prefetched_bytes')}): "

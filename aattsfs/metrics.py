@@ -188,6 +188,11 @@ class Exporter:
         yield gauge("passthrough_held_evicted_bytes", "Bytes of evicted copies that "
                     "passthrough opens still hold (counted in the budget).",
                     pt["held_evicted_bytes"])
+        cw = s["cold_watch"]
+        yield gauge("cold_watch_active", "1 if inotify vouches for unchanged cold files.",
+                    int(cw["active"]))
+        yield counter("cold_watch_opens", "Passthrough opens that needed no cold-tier call.",
+                      cw["opens"])
         h = HistogramMetricFamily("aattsfs_read_seconds", "Time to serve a read request, by "
                                   "tier (cold: waited for the cold tier).", labels=["tier"])
         for tier, (buckets, total) in latency.items():

@@ -4,6 +4,7 @@ import errno
 import mmap
 import os
 import random
+import re
 import stat
 import subprocess
 import sys
@@ -143,7 +144,7 @@ def test_control_surface(cold_tree, mounter):
     assert os.getxattr(m.path("big.bin"), "user.aatts.pinned") == b"0"
     status = run_cli("status", m.path()).stdout
     assert "fast tier" in status and "big.bin" in status and "promotions" in status
-    assert "passthrough" in status
+    assert "passthrough" in status and re.search(r"^cold watch +on;", status, re.M)
     assert '"fast_tier"' in run_cli("status", "--json", m.path()).stdout
 
 

@@ -181,6 +181,9 @@ def test_prometheus_metrics_match_the_stats(cold_tree, mounter):
     assert samples[("aattsfs_passthrough_active", ())] == 1
     assert samples[("aattsfs_passthrough_opens_total", ())] == pt["opens"]
     assert samples[("aattsfs_passthrough_opened_bytes_total", ())] == pt["opened_bytes"]
+    cw = s["cold_watch"]
+    assert samples[("aattsfs_cold_watch_active", ())] == int(cw["active"]) == 1
+    assert samples[("aattsfs_cold_watch_opens_total", ())] == cw["opens"]
     assert samples[("aattsfs_process_resident_memory_bytes", ())] > 10 * MiB
     assert samples[("aattsfs_process_cpu_seconds_total", ())] > 0
 
