@@ -69,7 +69,7 @@ LOCAL = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "ramfs", "f2
                    "hfsplus"})
 MAX_AGE = 2.0  # seconds a stat is used at most (the kernel's entry timeout is 1 s)
 MAX_WATCHES = 16384  # inotify watches this daemon places; beyond, opens check cold
-MAX_PATHS = 1 << 20  # remembered stats (and change marks) before starting over
+MAX_PATHS = 1 << 16  # remembered stats (and change marks) before starting over
 
 
 def _ancestors(rel: str) -> list[str]:

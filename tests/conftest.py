@@ -197,21 +197,11 @@ def open_root():
 def fast_tmpfs(tmp_path):
     """make(size) -> a directory on a tmpfs of its own, of `size` bytes;
     writing past it fails, so a daemon that overshoots its budget is caught."""
-    mounted = []
-
-    def make(size: int) -> Path:
-        path = tmp_path / f"fast-tmpfs{len(mounted)}"
-        path.mkdir()
+    def mount(path: Path, size: int) -> None:
         subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
                         str(path)], check=True)
-        mounted.append(path)
-        return path
 
-    try:
-        yield make
-    finally:
-        for path in mounted:
-            subprocess.run(["umount", "-l", str(path)], check=False)
+    yield from _mounts(tmp_path / "fast-tmpfs", mount)
 
 
 @pytest.fixture
@@ -222,18 +212,28 @@ def overlay_dir(tmp_path, fast_tmpfs):
     passthrough open (a stacked filesystem); as a cold tier, a filesystem
     that changes behind the kernel's back (its lower layer). Unmounted after
     the mounts on it (requested before `mounter`)."""
-    mounted: list[Path] = []
-
-    def make() -> Path:
+    def mount(path: Path) -> None:
         base = fast_tmpfs(256 * MiB)
         for d in ("lower", "upper", "work"):
             (base / d).mkdir()
         (base / "upper").chmod(0o700)
-        path = tmp_path / f"overlay{len(mounted)}"
-        path.mkdir()
         subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
                         f"lowerdir={base}/lower,upperdir={base}/upper,workdir={base}/work",
                         str(path)], check=True)
+
+    yield from _mounts(tmp_path / "overlay", mount)
+
+
+def _mounts(prefix: Path, mount):
+    """A fixture's body: yields make(*args) -> a new directory prefixN with
+    mount(path, *args) done on it; every one is unmounted (lazily, newest
+    first) when the fixture ends, even if the test failed."""
+    mounted: list[Path] = []
+
+    def make(*args) -> Path:
+        path = prefix.with_name(f"{prefix.name}{len(mounted)}")
+        path.mkdir()
+        mount(path, *args)
         mounted.append(path)
         return path
 
