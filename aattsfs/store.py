@@ -707,9 +707,10 @@ class Store:
             fd, st = await self.cold_call(self.cold.open, rel)
         else:
             token = w.begin()
-            if w.watching(rel, is_dir=False):
+            e = self.entries.get(rel)
+            if w.watching(rel, is_dir=False) or not (e is not None and e.fast_bytes):
                 fd, st = await self.cold_call(self.cold.open, rel)
-            else:
+            else:  # watched while it has a fast copy (_drop_fast unwatches it)
                 fd, st, wd = await self.cold_call(self._open_watched_cold, w, rel)
                 w.register(wd, rel, is_dir=False)
             w.note(rel, st, token)
@@ -1032,6 +1033,8 @@ class Store:
         held = self._held(e)
         damaged = damaged or held is not None and held.damaged
         self.fast.remove(rel)
+        if self.watch is not None:
+            self.watch.unwatch(rel)
         if held is not None:
             held.unlinked(damaged)  # the budget gets these bytes back at the last close
         else:

@@ -82,9 +82,10 @@ class ColdWatch:
     def __init__(self, fd: int, root_wd: int) -> None:
         self.fd = fd
         self.gen = 1
-        # watched directory or file -> the generation it was registered in
+        # watched directory -> the generation it was registered in; file ->
+        # (that generation, its wd)
         self._dirs: dict[str, int] = {"": 0}
-        self._files: dict[str, int] = {}
+        self._files: dict[str, tuple[int, int]] = {}
         self._wd: dict[int, tuple[str, bool]] = {root_wd: ("", True)}  # wd -> (path, is a dir)
         self._changed: dict[str, int] = {}  # path -> generation of its last event
         self._known: dict[str, tuple[os.stat_result, int, float]] = {}  # path -> (stat, token, when)
@@ -145,7 +146,18 @@ class ColdWatch:
         if old is not None and old != (rel, is_dir):
             self._forget(*old)  # the same inode, known under another name now
         self._wd[wd] = (rel, is_dir)
-        (self._dirs if is_dir else self._files)[rel] = self.gen
+        if is_dir:
+            self._dirs[rel] = self.gen
+        else:
+            self._files[rel] = (self.gen, wd)
+
+    def unwatch(self, rel: str) -> None:
+        """Remove the watch of the file rel (its fast copy is gone): watches
+        follow the fast tier's files, not every file ever opened."""
+        registered = self._files.pop(rel, None)
+        if registered is not None:
+            self._wd.pop(registered[1], None)
+            _LIBC.inotify_rm_watch(self.fd, registered[1])
 
     # -- stats ---------------------------------------------------------------
 
@@ -170,7 +182,7 @@ class ColdWatch:
             return None
         self.drain()
         st, token, when = entry
-        since = self._files.get(rel)
+        since = self._files.get(rel, (None,))[0]
         if (token <= self._distrust_before or self._changed.get(rel, 0) >= token
                 or since is None or since >= token or time.monotonic() - when > MAX_AGE):
             self._known.pop(rel, None)

@@ -269,3 +269,12 @@ def test_a_stat_taken_while_a_change_lands_is_not_trusted(watched):
         f.write(b"changed")
     w.note("d/x", st, token)
     assert w.known("d/x") is None
+
+
+def test_a_file_unwatched_with_its_copy_is_not_vouched_for(watched):
+    w, root, note = watched
+    note("d/x")
+    w.unwatch("d/x")  # its fast copy was dropped: the daemon keeps no watch on it
+    assert not w.watching("d/x", is_dir=False)
+    note("d/x")
+    assert w.known("d/x") is None
