@@ -708,11 +708,11 @@ class Store:
         else:
             token = w.begin()
             e = self.entries.get(rel)
-            if w.watching(rel, is_dir=False) or not (e is not None and e.fast_bytes):
+            if e is None or not e.fast_bytes:
                 fd, st = await self.cold_call(self.cold.open, rel)
             else:  # watched while it has a fast copy (_drop_fast unwatches it)
                 fd, st, wd = await self.cold_call(self._open_watched_cold, w, rel)
-                w.register(wd, rel, is_dir=False)
+                w.register(wd, rel, is_dir=False, ino=st.st_ino)
             w.note(rel, st, token)
         cold_fd = SharedFd(fd)
         if check is not None:

@@ -58,6 +58,7 @@ IN_ONLYDIR = 0x01000000
 IN_ISDIR = 0x40000000
 FILE_MASK = IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_DELETE_SELF | IN_MOVE_SELF
 DIR_MASK = FILE_MASK | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE | IN_ONLYDIR
+NAMING = IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE  # a name now means another inode
 SELF = IN_DELETE_SELF | IN_MOVE_SELF | IN_UNMOUNT | IN_IGNORED  # the watched object itself
 _EVENT = struct.Struct("iIII")
 
@@ -83,9 +84,9 @@ class ColdWatch:
         self.fd = fd
         self.gen = 1
         # watched directory -> the generation it was registered in; file ->
-        # (that generation, its wd)
+        # (that generation, its wd, the inode number watched)
         self._dirs: dict[str, int] = {"": 0}
-        self._files: dict[str, tuple[int, int]] = {}
+        self._files: dict[str, tuple[int, int, int]] = {}
         self._wd: dict[int, tuple[str, bool]] = {root_wd: ("", True)}  # wd -> (path, is a dir)
         self._changed: dict[str, int] = {}  # path -> generation of its last event
         self._known: dict[str, tuple[os.stat_result, int, float]] = {}  # path -> (stat, token, when)
@@ -137,19 +138,24 @@ class ColdWatch:
             return None
         return wd
 
-    def register(self, wd: int | None, rel: str, is_dir: bool = True) -> None:
+    def register(self, wd: int | None, rel: str, is_dir: bool = True, ino: int = 0) -> None:
         """Count rel as watched from now on (stats taken before are not
-        trusted through it)."""
-        if wd is None:
-            return
+        trusted through it); a file's watch is on inode `ino`, and vouches
+        only for stats of that inode."""
+        if wd is None or not is_dir and self._files.get(rel, (0,))[1:] == (wd, ino):
+            return  # the same watch of the same file: nothing new to wait for
         old = self._wd.get(wd)
         if old is not None and old != (rel, is_dir):
             self._forget(*old)  # the same inode, known under another name now
         self._wd[wd] = (rel, is_dir)
+        # A generation of its own: no two registrations share one, so a
+        # directory handle can tell whether the watch is still the one that
+        # was placed when it was opened (fs.Operations.readdir)
+        self.gen += 1
         if is_dir:
             self._dirs[rel] = self.gen
         else:
-            self._files[rel] = (self.gen, wd)
+            self._files[rel] = (self.gen, wd, ino)
 
     def unwatch(self, rel: str) -> None:
         """Remove the watch of the file rel (its fast copy is gone): watches
@@ -182,9 +188,10 @@ class ColdWatch:
             return None
         self.drain()
         st, token, when = entry
-        since = self._files.get(rel, (None,))[0]
+        since, _, ino = self._files.get(rel, (None, 0, 0))
         if (token <= self._distrust_before or self._changed.get(rel, 0) >= token
-                or since is None or since >= token or time.monotonic() - when > MAX_AGE):
+                or since is None or since >= token or st.st_ino != ino
+                or time.monotonic() - when > MAX_AGE):
             self._known.pop(rel, None)
             return None
         for d in _ancestors(rel):
@@ -241,6 +248,11 @@ class ColdWatch:
         self._known.pop(rel, None)
         if mask & IN_ISDIR:
             self._forget(rel, True)
+        elif mask & NAMING:
+            # the name may stand for another inode now: its file watch, on
+            # the old one, says nothing of the new (a new watch is placed at
+            # the next open that finds a fast copy)
+            self.unwatch(rel)
 
     def _forget(self, rel: str, is_dir: bool) -> None:
         """rel, and for a directory everything below it: changed, and not

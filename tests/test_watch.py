@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -214,7 +215,7 @@ def watched(tmp_path):
     assert w is not None, why
     for rel, is_dir in (("d", True), ("d/x", False)):
         fd = os.open(root / rel, os.O_RDONLY)
-        w.register(w.add(fd, is_dir), rel, is_dir)
+        w.register(w.add(fd, is_dir), rel, is_dir, os.fstat(fd).st_ino)
         os.close(fd)
 
     def note(rel: str) -> os.stat_result:
@@ -278,3 +279,68 @@ def test_a_file_unwatched_with_its_copy_is_not_vouched_for(watched):
     assert not w.watching("d/x", is_dir=False)
     note("d/x")
     assert w.known("d/x") is None
+
+
+def test_each_registration_is_told_apart(watched):
+    """A directory forgotten (its name moved) and watched again between two
+    stats, with no stat in between, is another registration: a directory
+    handle opened under the first must not note stats under the second."""
+    w, root, note = watched
+    first = w.registered("d")
+    os.rename(root / "d", root / "d.old")
+    (root / "d").mkdir()
+    w.drain()
+    assert w.registered("d") is None
+    fd = os.open(root / "d", os.O_RDONLY)
+    w.register(w.add(fd), "d")
+    os.close(fd)
+    assert w.registered("d") not in (None, first)
+
+
+def test_a_file_watch_vouches_only_for_its_own_inode(watched, tmp_path):
+    """The watch of d/x was placed on another inode than the one the path
+    names now (a swap raced the open that placed it): stats of the file at
+    d/x are not vouched for, whatever happens to it."""
+    w, root, note = watched
+    other = tmp_path / "other"
+    other.write_bytes(b"y")
+    fd = os.open(other, os.O_RDONLY)
+    w.register(w.add(fd, False), "d/x", False, os.fstat(fd).st_ino)
+    os.close(fd)
+    note("d/x")
+    assert w.known("d/x") is None
+
+
+def test_a_directory_handle_opened_before_a_swap_vouches_for_nothing(tmp_path, mounter):
+    """A directory handle opened before its directory was swapped lists the
+    old directory. What it lists must not vouch for the new directory's
+    files, even when the path was watched anew in between with no stat
+    taken (a hostile tester's sequence, step by step)."""
+    cold = tmp_path / "cold2"
+    write_random(cold / "other", MiB, 1)
+    write_random(cold / "dd" / "x", MiB, 2)
+    m = mounter(cold, extra=["--passthrough", "on"])
+    promote_files = ["other", "dd/x"]
+    for rel in promote_files:
+        read_checked(m, cold, rel)
+        m.wait_tier(rel)
+        open_watched(m, cold, rel)
+    for i in range(2):
+        m.wait_tier("dd/x")
+        open_watched(m, cold, "dd/x")
+        os.rename(cold / "dd", cold / "dd.tmp")  # the daemon forgets dd's watch
+        os.rename(cold / "dd.tmp", cold / "dd")
+        time.sleep(1.1)  # the kernel's entries expire: the next stat reaches the daemon
+        for rel in ("other", "dd", "dd/x"):
+            os.stat(m.path(rel))  # watches dd anew
+        before = os.open(m.path("dd"), os.O_RDONLY | os.O_DIRECTORY)
+        os.rename(cold / "dd", cold / f"dd.old{i}")
+        write_random(cold / "dd" / "x", MiB, 10 + i)
+        read_checked(m, cold, "other")  # reads the events: dd forgotten again
+        after = os.open(m.path("dd"), os.O_RDONLY | os.O_DIRECTORY)  # watched anew
+        os.listdir(before)  # the old dd's x, under the path dd/x
+        try:
+            read_checked(m, cold, "dd/x")
+        finally:
+            os.close(before)
+            os.close(after)
