@@ -148,6 +148,7 @@ class Promotion:
         self._cancel_event = trio.Event()
         self.committing = False  # the commit (verify, rename) is running in a thread
         self.committed = False  # renamed into place; a cancel may still arrive after
+        self.watch_wd: int | None = None  # the cold file's inotify watch, placed at the commit
         self.copy_stat: os.stat_result | None = None  # the committed copy's identity
         self.prefetch = prefetch  # the filler is paced until a process opens the file
 
@@ -231,7 +232,11 @@ class Promotion:
                         "discarded (is the fast tier's storage failing?)", self.rel)
             self.store.stats.copies_corrupt += 1
             return None
-        return self.store.fast.commit(self.tmp_path, tmp_fd, self.rel, self.version, digest)
+        committed = self.store.fast.commit(self.tmp_path, tmp_fd, self.rel, self.version,
+                                           digest)
+        if self.store.watch is not None:  # from now on the file has a fast copy
+            self.watch_wd = self.store.watch.add(cold_fd, is_dir=False)
+        return committed
 
     async def fill(self) -> None:
         try:
@@ -253,6 +258,9 @@ class Promotion:
                         self.cancel()
                     else:
                         self.committed = True
+                        if self.store.watch is not None:
+                            self.store.watch.register(self.watch_wd, self.rel, is_dir=False,
+                                                      ino=self.version[2])
         except OSError as exc:
             self._failed(exc)
         finally:

@@ -138,6 +138,18 @@ def test_the_next_open_sees_every_change(change, cold, mounter):
             m.wait_tier(rel)
 
 
+def test_the_first_open_after_a_promotion_needs_no_cold_call(cold, mounter):
+    """The file is watched from its commit on: once the kernel's entry has
+    expired and a lookup has taken a fresh stat, the very next open of the
+    promoted file goes without a cold-tier call."""
+    m = mounter(cold, extra=["--passthrough", "on"])
+    promote(m, cold)
+    time.sleep(1.1)  # past the kernel's entry timeout: the open below looks it up first
+    before = watched_opens(m)
+    read_checked(m, cold, FILES[2])
+    assert watched_opens(m) == before + 1
+
+
 def test_an_overflowed_event_queue_trusts_nothing_it_knew(cold, mounter):
     """More events than the kernel queues (fs.inotify.max_queued_events):
     the lost ones may have named any file, so no stat from before is used;
