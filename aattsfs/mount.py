@@ -435,6 +435,10 @@ def _serve_mount(cfg: MountConfig, stack: contextlib.ExitStack, created: list[st
     passthrough.configure(want=not why_not)
     store.passthrough = {"mode": cfg.passthrough, "active": False,
                          "reason": why_not or "the kernel has not answered yet"}
+    # From the mount on, a signal must reach the trio loop's receiver, which
+    # exists only once the loop runs: until then it waits, blocked (SIGTERM's
+    # default action would end the daemon with the mount still there).
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     options = set(pyfuse3.default_options) | {"fsname=aattsfs", "subtype=aattsfs"}
     if cfg.allow_other:
         options.add("allow_other")
@@ -461,6 +465,9 @@ def _serve_mount(cfg: MountConfig, stack: contextlib.ExitStack, created: list[st
         log.info("unmounted %s", cfg.mountpoint)
     if cfg.passthrough == "on" and not store.passthrough["active"]:
         raise UserError(f"--passthrough on cannot work here: {store.passthrough['reason']}")
+
+
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 def _start_watch(store: Store, cfg: MountConfig, stack: contextlib.ExitStack) -> None:
@@ -510,12 +517,12 @@ async def _serve(store: Store, ops: Operations, prefetcher: Prefetcher, cfg: Mou
 
         async def watch_signals():
             nonlocal stopped_by_signal
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
-                                           signal.SIGUSR1) as signals:
+            with trio.open_signal_receiver(*HANDLED_SIGNALS) as signals:
                 # The thread dump is faulthandler's, at C level, so it works
                 # even while the trio thread is stuck; it then chains to
                 # trio's handler, which dumps the tasks when the loop runs.
                 faulthandler.register(signal.SIGUSR1, all_threads=True, chain=True)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)  # any pending arrive now
                 try:
                     async for signum in signals:
                         if signum == signal.SIGUSR1:

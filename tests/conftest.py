@@ -31,13 +31,13 @@ PAGE_SLACK = 64 << 10  # tmpfs rounds each file up to whole pages
 BAD_LOG = re.compile(r"WARNING|ERROR|CRITICAL|Traceback")
 
 
-def wait_for(predicate, timeout=30.0, what="condition"):
+def wait_for(predicate, timeout=30.0, what="condition", interval=0.02):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
-        time.sleep(0.02)
+        time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 

@@ -3,16 +3,19 @@ SIGUSR1 dump, and a control surface that only root and the owner may use."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
 
+from aattsfs.mount import is_mounted
 from conftest import MiB, run_cli, wait_for, write_random
 
 REPO = Path(__file__).resolve().parents[1]
@@ -218,3 +221,29 @@ def test_under_systemd_log_lines_carry_journal_priorities(cold_tree, mounter):
     lines = [ln for ln in m.log.read_text().splitlines() if ln.startswith("<")]
     assert any(ln.startswith("<6>INFO aattsfs.mount: mounted ") for ln in lines)
     assert not any(ln[3:7].isdigit() for ln in lines)  # no timestamp of our own
+
+
+def test_a_signal_as_soon_as_the_mount_appears_is_handled(cold_tree, mounter):
+    """SIGTERM the moment the mount shows (systemd stopping a unit that just
+    started): the daemon unmounts and exits 0. The signal arrives before
+    the trio loop's receiver exists, so it must wait, not kill the daemon
+    with the mount left behind (it did, every time)."""
+    m = mounter(cold_tree, start=False)
+    real = str(m.mnt.resolve())  # now, while no FUSE daemon answers for it
+
+    def in_table() -> bool:  # never touches the mount (is_mounted's realpath would)
+        with open("/proc/mounts") as f:
+            return any(line.split()[1] == real for line in f)
+
+    def start():
+        with contextlib.suppress(AssertionError):  # "the daemon exited": checked below
+            m.start()
+
+    starting = threading.Thread(target=start)
+    starting.start()
+    wait_for(in_table, what="the mount in the table", interval=0.0005)
+    m.proc.send_signal(signal.SIGTERM)
+    starting.join()
+    assert m.proc.wait(timeout=30) == 0
+    assert not is_mounted(m.mnt)
+    assert "SIGTERM received, unmounting" in m.log.read_text()
