@@ -24,7 +24,7 @@ from pyfuse3 import FUSEError
 
 from . import control, passthrough
 from .namespace import ROOT, Namespace
-from .store import Store, in_thread
+from .store import Store
 from .tiers import SharedFd, same_copy, version_of
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class _Dir:
     fd: SharedFd | None
     names: list[bytes]
     attrs: list = dataclasses.field(default_factory=list)
-    watched: int | None = None  # when its watch was registered, if at opendir
+    watched: int | None = None  # its watch's registration at opendir (store.cold_opendir)
 
 
 def _handler(fn):
@@ -136,37 +136,6 @@ class Operations(pyfuse3.Operations):
     async def _cold(self, fn, *args):
         return await self.store.cold_call(fn, *args)
 
-    async def _lstat(self, lstat, rel: str) -> os.stat_result:
-        """A fresh cold stat of rel, noted for the watch (watch.py): an open
-        soon after may then use it instead of a cold call. Watches rel's
-        directory first if nothing does yet."""
-        w = self.store.watch
-        if w is None:
-            return await self._cold(lstat, rel)
-        token = w.begin()
-        parent = rel.rpartition("/")[0]
-        if w.watching(parent):
-            st = await self._cold(lstat, rel)
-        else:
-            wd, st = await self._cold(self._watch_then, w, parent, lstat, rel)
-            w.register(wd, parent)
-        w.note(rel, st, token)
-        return st
-
-    def _watch_then(self, w, rel_dir: str, lstat, rel: str):
-        """In a worker thread: a watch on rel_dir (None if it cannot be
-        placed), then lstat(rel)."""
-        try:
-            fd = self.cold.dir_fd(rel_dir)
-        except OSError:
-            wd = None
-        else:
-            try:
-                wd = w.add(fd)
-            finally:
-                os.close(fd)
-        return wd, lstat(rel)
-
     @staticmethod
     def _join(parent: str, name: bytes) -> str:
         name_s = os.fsdecode(name)
@@ -190,7 +159,7 @@ class Operations(pyfuse3.Operations):
         if ino is not None and ino in self._stats:
             st, fresh = await self._fresh_or_known(ino, self.cold.visible_lstat)
         else:
-            st, fresh = await self._lstat(self.cold.visible_lstat, rel), True
+            st, fresh = await self.store.cold_stat(self.cold.visible_lstat, rel), True
         ino = self.ns.lookup(rel, ident_of(st))
         self._stats[ino] = st
         return self._attr(ino, st, timeout=None if fresh else 0)
@@ -225,7 +194,7 @@ class Operations(pyfuse3.Operations):
         would block its whole directory. Names never seen still wait."""
         known = self._stats.get(ino)
         with trio.move_on_after(STALE_AFTER if known is not None else math.inf):
-            return await self._lstat(lstat, self.ns.path(ino)), True
+            return await self.store.cold_stat(lstat, self.ns.path(ino)), True
         log.debug("cold tier slow: attributes of %s served as last seen", self.ns.path(ino))
         return known, False
 
@@ -251,14 +220,8 @@ class Operations(pyfuse3.Operations):
                                   [self._control_attr(ino) for ino in control.CONTROL_FILES.values()])
             return fh
         rel = self.ns.path(inode)
-        w = self.store.watch
-        if w is not None and not w.watching(rel):
-            fd, names, wd = await self._cold(self._opendir_watched, w, rel)
-            w.register(wd, rel)
-        else:
-            fd, names = await self._cold(self.cold.opendir, rel)
-        d = _Dir(rel, SharedFd(fd), [os.fsencode(n) for n in names],
-                 watched=w.registered(rel) if w is not None else None)
+        fd, names, watched = await self.store.cold_opendir(rel)
+        d = _Dir(rel, SharedFd(fd), [os.fsencode(n) for n in names], watched=watched)
         if inode == ROOT:
             d.names = [n for n in d.names if n != control.CONTROL_NAME.encode()]
             d.names.insert(0, control.CONTROL_NAME.encode())
@@ -266,27 +229,13 @@ class Operations(pyfuse3.Operations):
         self._dirs[fh] = d  # a snapshot: offsets stay valid for this handle
         return fh
 
-    def _opendir_watched(self, w, rel: str):
-        """In a worker thread: cold.opendir(rel), and a watch on it."""
-        fd, names = self.cold.opendir(rel)
-        return fd, names, w.add(fd)
-
     @_handler
     async def readdir(self, fh, start_id, token):
         d = self._dirs[fh]
-        w = self.store.watch
         for i in range(start_id, len(d.names)):
             if i >= len(d.attrs):  # lstat the next batch, off the trio thread
                 batch = [os.fsdecode(n) for n in d.names[i:i + READDIR_BATCH]]
-                stamp = w.begin() if w is not None else 0
-                attrs = await self._cold(in_thread(self.cold.stat_entries, d.rel, batch,
-                                                   fds=(d.fd,)))
-                # only while the watch is the one placed on this fd's directory
-                if w is not None and d.watched is not None and w.registered(d.rel) == d.watched:
-                    for name, attr in zip(batch, attrs):
-                        if attr is not None:
-                            w.note(self._join(d.rel, os.fsencode(name)), attr, stamp)
-                d.attrs += attrs
+                d.attrs += await self.store.cold_stat_entries(d.fd, d.rel, batch, d.watched)
             name, attr = d.names[i], d.attrs[i]
             if attr is None:
                 continue  # vanished since opendir, or hidden

@@ -70,6 +70,10 @@ class MountConfig:
     metrics_allow_remote: bool = False
 
 
+# Stopped (TERM, INT) or asked for a dump (USR1) through the trio loop
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
 def mount_key(mountpoint: str) -> str:
     """A stable, readable name for a mount point: /mnt/models -> mnt-models-1a2b3c4d."""
     real = os.path.realpath(mountpoint)
@@ -465,9 +469,6 @@ def _serve_mount(cfg: MountConfig, stack: contextlib.ExitStack, created: list[st
         log.info("unmounted %s", cfg.mountpoint)
     if cfg.passthrough == "on" and not store.passthrough["active"]:
         raise UserError(f"--passthrough on cannot work here: {store.passthrough['reason']}")
-
-
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 def _start_watch(store: Store, cfg: MountConfig, stack: contextlib.ExitStack) -> None:

@@ -279,8 +279,9 @@ class Handle:
     rel: str
     version: Version
     entry: "Entry"
-    # the cold file this open resolved to, kept for its whole life; None for
-    # an open served from a copy without a cold-tier call (opened if needed)
+    # the cold file this open resolved to, kept for its whole life. None only
+    # for a passthrough open the watch vouched for: the kernel reads its copy
+    # and never sends its reads here (any other open gets one: attach_cold)
     cold_fd: SharedFd | None
     stream: Stream = (0, None)  # the process that opened it
     fast_fd: int | None = None
@@ -719,7 +720,7 @@ class Store:
             if e is None or not e.fast_bytes:
                 fd, st = await self.cold_call(self.cold.open, rel)
             else:  # watched while it has a fast copy (_drop_fast unwatches it)
-                fd, st, wd = await self.cold_call(self._open_watched_cold, w, rel)
+                fd, st, wd = await self.cold_call(self._watched, False, self.cold.open, rel)
                 w.register(wd, rel, is_dir=False, ino=st.st_ino)
             w.note(rel, st, token)
         cold_fd = SharedFd(fd)
@@ -732,10 +733,74 @@ class Store:
         e, version = self._refresh(rel, st)
         return cold_fd, e, version
 
-    def _open_watched_cold(self, w: ColdWatch, rel: str) -> tuple[int, os.stat_result, int | None]:
-        """In a worker thread: cold.open(rel), and a watch on the file."""
-        fd, st = self.cold.open(rel)
-        return fd, st, w.add(fd, is_dir=False)
+    # -- cold stats, noted for the watch (watch.py) -------------------------
+
+    async def cold_stat(self, lstat: Callable[[str], os.stat_result], rel: str
+                        ) -> os.stat_result:
+        """lstat(rel) in a worker thread, noted for the watch: an open soon
+        after may use it instead of a cold call. The directory is watched
+        first if nothing watches it yet."""
+        w = self.watch
+        if w is None:
+            return await self.cold_call(lstat, rel)
+        token = w.begin()
+        parent = rel.rpartition("/")[0]
+        if w.watching(parent):
+            st = await self.cold_call(lstat, rel)
+        else:
+            # this stat is taken before the registration: the next one counts
+            st, wd = await self.cold_call(self._stat_watching, lstat, rel, parent)
+            w.register(wd, parent)
+        w.note(rel, st, token)
+        return st
+
+    async def cold_opendir(self, rel: str) -> tuple[int, list[str], int | None]:
+        """cold.opendir(rel) in a worker thread, the directory watched: (fd,
+        names, the watch's registration, for cold_stat_entries)."""
+        w = self.watch
+        if w is None:
+            return (*await self.cold_call(self.cold.opendir, rel), None)
+        if w.watching(rel):
+            fd, names = await self.cold_call(self.cold.opendir, rel)
+        else:
+            fd, names, wd = await self.cold_call(self._watched, True, self.cold.opendir, rel)
+            w.register(wd, rel)
+        return fd, names, w.registered(rel)
+
+    async def cold_stat_entries(self, dir_fd: SharedFd, rel: str, names: list[str],
+                                watched: int | None) -> list[os.stat_result | None]:
+        """cold.stat_entries of the directory open as dir_fd, noted for the
+        watch only while its watch is the one registered at its opendir
+        (`watched`): a directory swapped since lists what is no longer there."""
+        w = self.watch
+        token = w.begin() if w is not None and watched is not None else 0
+        attrs = await self.cold_call(in_thread(self.cold.stat_entries, rel, names,
+                                               fds=(dir_fd,)))
+        if token and w.registered(rel) == watched:
+            for name, st in zip(names, attrs):
+                if st is not None:
+                    w.note(f"{rel}/{name}" if rel else name, st, token)
+        return attrs
+
+    def _stat_watching(self, lstat: Callable[[str], os.stat_result], rel: str,
+                       rel_dir: str) -> tuple[os.stat_result, int | None]:
+        """In a worker thread: lstat(rel), and a watch on the directory rel_dir
+        (None if it cannot be placed)."""
+        st = lstat(rel)
+        try:
+            fd = self.cold.dir_fd(rel_dir)
+        except OSError:
+            return st, None
+        try:
+            return st, self.watch.add(fd)
+        finally:
+            os.close(fd)
+
+    def _watched(self, is_dir: bool, open_fn: Callable, *args) -> tuple:
+        """In a worker thread: open_fn(*args), which returns (fd, ...), then a
+        watch on that fd; (..., its wd or None)."""
+        out = open_fn(*args)
+        return (*out, self.watch.add(out[0], is_dir))
 
     def _open_watched(self, rel: str, check: Callable[[os.stat_result], None] | None
                       ) -> tuple[None, Entry, Version] | None:
@@ -750,7 +815,7 @@ class Store:
             check(st)
         return None, e, e.version
 
-    async def attach_cold(self, h: Handle) -> SharedFd:
+    async def attach_cold(self, h: Handle) -> None:
         """h's cold file, opened now if its open had none: the version the
         open found, or ESTALE (the kernel then looks the path up again)."""
         if h.cold_fd is None:
@@ -759,11 +824,7 @@ class Store:
                 os.close(fd)
                 raise OSError(errno.ESTALE, "the cold file changed since it was opened",
                               h.rel)
-            if h.cold_fd is None:
-                h.cold_fd = SharedFd(fd)
-            else:  # another call for this handle got there first
-                os.close(fd)
-        return h.cold_fd
+            h.cold_fd = SharedFd(fd)  # the handle is not shared yet: no other call
 
     def _open_fast(self, rel: str, e: Entry) -> int | None:
         """An fd of rel's copy if it may be served: verified, and unchanged
@@ -854,10 +915,9 @@ class Store:
                     return data, True
                 self._copy_damaged(h.rel)
                 continue
-            cold_fd = await self.attach_cold(h)
             if not h.tried_promotion and not _active(h.entry.prom) and h.version[0] > 0:
                 h.tried_promotion = True
-                self._start_promotion(h.rel, h.entry, h.version, cold_fd)
+                self._start_promotion(h.rel, h.entry, h.version, h.cold_fd)
             if h.prom is not None:
                 prom = h.prom
                 usable, waited = await prom.ensure(off, size)
@@ -866,7 +926,7 @@ class Store:
                 if h.prom is prom:  # ended without moving this handle
                     h.prom = None
                 continue
-            data = await self.cold_call(in_thread(os.pread, size, off, fds=(cold_fd,)))
+            data = await self.cold_call(in_thread(os.pread, size, off, fds=(h.cold_fd,)))
             self.stats.cold_bytes_read += len(data)
             return data, False
 

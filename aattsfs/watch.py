@@ -42,6 +42,8 @@ from .tiers import fs_type
 
 log = logging.getLogger(__name__)
 
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
 IN_MODIFY = 0x2
 IN_ATTRIB = 0x4
 IN_CLOSE_WRITE = 0x8
@@ -275,9 +277,6 @@ class ColdWatch:
     def snapshot(self) -> dict:
         return {"directories": len(self._dirs), "events": self.events,
                 "overflows": self.overflows}
-
-
-_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 def _add(inotify_fd: int, fd: int, mask: int) -> int:

@@ -150,6 +150,32 @@ def test_the_first_open_after_a_promotion_needs_no_cold_call(cold, mounter):
     assert watched_opens(m) == before + 1
 
 
+def test_a_change_made_while_the_daemon_was_dead_is_seen_after_a_remount(cold, tmp_path,
+                                                                          mounter):
+    """kill -9 with watched opens going on; the cold file is then rewritten
+    in place with its mtime put back (only ctime tells), so no watch is
+    there to see it. The remounted daemon knows nothing from the old watch:
+    every read compares equal to the cold file, from the first open on,
+    and the watch engages again."""
+    root = tmp_path / "k"
+    m = mounter(cold, root=root, extra=["--passthrough", "on"])
+    promote(m, cold)
+    open_watched(m, cold, FILES[0])
+    m.proc.kill()
+    m.proc.wait()
+    m.stop()
+    p = cold / FILES[0]
+    st = p.stat()
+    _rewrite(cold, FILES[0], random.Random(5))
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    m2 = mounter(cold, root=root, extra=["--passthrough", "on"])
+    for _ in range(3):
+        for rel in FILES:
+            read_checked(m2, cold, rel)
+    m2.wait_tier(FILES[0])
+    open_watched(m2, cold, FILES[0])
+
+
 def test_an_overflowed_event_queue_trusts_nothing_it_knew(cold, mounter):
     """More events than the kernel queues (fs.inotify.max_queued_events):
     the lost ones may have named any file, so no stat from before is used;
