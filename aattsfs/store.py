@@ -928,6 +928,12 @@ class Store:
                 continue
             data = await self.cold_call(in_thread(os.pread, size, off, fds=(h.cold_fd,)))
             self.stats.cold_bytes_read += len(data)
+            if len(data) < size and off + len(data) < h.version[0]:
+                # Truncated in place since this open: a short read here would
+                # make the kernel zero-fill the rest of its pages and, if it
+                # refreshed the file's attributes meanwhile, keep the old size
+                # and hand out those zeros as file content. An error instead.
+                raise OSError(errno.EIO, "the cold file was truncated while open", h.rel)
             return data, False
 
     def passthrough_opened(self, h: Handle) -> None:

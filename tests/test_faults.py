@@ -458,28 +458,10 @@ class Lineage:
         if not bytes_in(tail, off + k, contents + everything, zeros_from=off + k):
             return "wrong"
         if not bytes_in(tail, off + k, contents + everything):
-            if len(contents) > 1 and _truncate_race(data, off, contents):
-                return "ok"
             return "stale: zeros past an EOF"
         if not bytes_in(tail, off + k, contents):
             return "stale: another version's bytes"
         return "stale: stopped short of the EOF"
-
-
-def _truncate_race(data: bytes, off: int, contents: list) -> bool:
-    """A read that raced an in-place truncate of the cold file itself: this
-    file's bytes up to one content's EOF, then zeros to the end of that
-    page and no further (the filesystem zeroes the tail of the page the new
-    EOF falls in before the read sees the new size; the daemon passes on
-    what the cold file gave). A kernel cache holding another size zeroes
-    beyond that page, which stays a failure."""
-    end = off + len(data)
-    for c in contents:
-        eof = len(c)
-        if off < eof < end == -(-eof // 4096) * 4096 and \
-                not any(data[eof - off:]) and bytes_in(data[:eof - off], off, contents):
-            return True
-    return False
 
 
 class ColdChurn:
