@@ -18,7 +18,7 @@ from click.core import ParameterSource
 from .control import CONTROL_NAME, XATTR_PINNED, XATTR_TIER
 from .errors import UserError
 from .passthrough import MODES as PASSTHROUGH_MODES
-from .policy import POLICIES
+from .policy import ADMISSIONS, POLICIES
 from .predict import PREDICTORS
 from .tracegen import PATTERNS, write_trace
 from .units import SIZE_HELP, format_size, parse_size
@@ -60,6 +60,10 @@ def cli():
               "[default: /var/lib/aattsfs/<mount> for root].")
 @click.option("--policy", type=click.Choice(sorted(POLICIES)), default="lru",
               show_default=True, help="Eviction policy of the fast tier.")
+@click.option("--admission", type=click.Choice(sorted(ADMISSIONS)), default="reuse",
+              show_default=True, help="Which files that need room are copied: reuse: only "
+              "those expected back before they would be evicted, the rest are read from the "
+              "cold tier; all: every file read (docs/admission.md).")
 @click.option("--read-ahead", type=SizeType(), default="1M", show_default=True,
               help="Kernel readahead of the mount, the size of read requests.")
 @click.option("--prefetch/--no-prefetch", default=True, show_default=True,
@@ -301,6 +305,7 @@ def status(mountpoint, as_json):
     hit = f"{fast_opens / opens:.2f}" if fast_opens is not None and opens else "-"
     ft = s.get("fast_tier") if isinstance(s, dict) else None
     policy = ft.get("policy") if isinstance(ft, dict) else None
+    admission = ft.get("admission") if isinstance(ft, dict) else None
 
     def on_off(section: str) -> str:
         sec = s.get(section) if isinstance(s, dict) else None
@@ -312,7 +317,8 @@ def status(mountpoint, as_json):
     rows = [
         ("fast tier", f"{size('fast_tier', 'used_bytes')} of {size('fast_tier', 'budget_bytes')} "
                       f"({use}), {count('fast_tier', 'files')} files, "
-                      f"{count('fast_tier', 'pinned_files')} pinned, policy {policy or '?'}"),
+                      f"{count('fast_tier', 'pinned_files')} pinned, policy {policy or '?'}, "
+                      f"admission {admission or '?'}"),
         ("opens", f"{text(opens)} ({count('opens', 'fast')} fast, {count('opens', 'cold')} cold; "
                   f"hit ratio {hit})"),
         ("reads", f"{text(both('reads'))} ({count('reads', 'fast')} fast, "
@@ -332,6 +338,8 @@ def status(mountpoint, as_json):
                        f"{count('prefetch', 'cancelled')} cancelled"),
         ("demand misses", f"{count('prefetch', 'demand_misses')} "
                           f"({size('prefetch', 'demand_miss_bytes')})"),
+        ("bypassed", f"{count('bypasses')} opens ({size('bypassed_bytes')}) read from "
+                     "cold without a copy"),
         ("promotions", f"{count('promotions')} ({size('promoted_bytes')}), "
                        f"{count('promotions_in_flight')} in flight, "
                        f"{count('promotions_failed')} failed, "
@@ -447,15 +455,17 @@ def trace_generate(pattern, seed):
               help=f"Fast-tier budget, e.g. 2G; units {SIZE_HELP}.")
 @click.option("--policy", "policies", type=click.Choice(sorted(POLICIES)), multiple=True,
               help="Policy to replay (repeatable) [default: all].")
+@click.option("--admission", type=click.Choice(sorted(ADMISSIONS)), default="reuse",
+              show_default=True, help="Admission filter, as the mount's --admission.")
 @click.option("--predictor", type=click.Choice(sorted(PREDICTORS)), default="markov",
               show_default=True, help="Predictor of the predictive policy.")
 @click.option("--prefetch", type=click.Choice(sorted(PREDICTORS)), default=None,
               help="Also stage the files this predictor expects, ahead of the requests.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def sim(trace_file, budget, policies, predictor, prefetch, as_json):
+def sim(trace_file, budget, policies, admission, predictor, prefetch, as_json):
     """Replay TRACE (JSON lines, '-' for stdin) through the daemon's eviction
     policies and report each against the offline optimum."""
-    from .policy import make_policy
+    from .policy import make_admission, make_policy
     from .learn import Learner
     from .sim import belady_min, byte_bound, read_trace, simulate
 
@@ -475,7 +485,8 @@ def sim(trace_file, budget, policies, predictor, prefetch, as_json):
         chosen = prefetch or (predictor if name == "predictive" else None)
         label = name + (f"+{chosen}" if chosen else "") + ("+prefetch" if prefetch else "")
         rows[label] = simulate(requests, budget, make_policy(name),
-                               Learner(chosen) if chosen else None, bool(prefetch))
+                               Learner(chosen) if chosen else None, bool(prefetch),
+                               make_admission(admission, budget))
     sizes = {r.size for r in requests}
     if len(sizes) == 1:  # MIN is exact for one file size
         rows["optimum (MIN)"] = belady_min(requests, budget // sizes.pop())
@@ -492,7 +503,7 @@ def sim(trace_file, budget, policies, predictor, prefetch, as_json):
     if as_json:
         click.echo(json.dumps(out, indent=2))
         return
-    click.echo(f"{len(requests)} opens, budget {format_size(budget)}")
+    click.echo(f"{len(requests)} opens, budget {format_size(budget)}, admission {admission}")
     width = max(len(n) for n in out)
     click.echo(f"{'policy':<{width}} {'hit ratio':>9} {'byte hits':>9} {'from cold':>11} "
                f"{'of bound':>8}" + (f" {'precision':>9} {'recall':>6}" if prefetch else ""))

@@ -84,7 +84,7 @@ class Operations(pyfuse3.Operations):
         self._owner = (os.getuid(), os.getgid())
         # enabled once the kernel agreed (mount.py)
         self.modes = passthrough.OpenModes(frozenset({0, self._owner[0]}),
-                                           int(store.fast.budget * OTHERS_SHARE))
+                                           int(store.core.budget * OTHERS_SHARE))
         self._versions: dict[int, tuple] = {}  # ino -> version at last open (page cache)
         self._stats: dict[int, os.stat_result] = {}  # ino -> attributes last seen
         self._started_ns = time.time_ns()

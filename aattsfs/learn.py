@@ -162,3 +162,19 @@ class ExpectedBy:
 def ranks(ahead: Forecast) -> dict[Key, int]:
     """Each file's position in a forecast."""
     return {k: i for i, (k, _) in enumerate(ahead)}
+
+
+def plan(learner: Learner, streams: list[Stream], size_of: Callable[[Key], int],
+         budget: int, predictive: bool, hints: Callable[[Key], list[Key]] = _no_hints,
+         also: frozenset = frozenset()) -> tuple[Forecast, list[tuple[Key, ExpectedBy]]]:
+    """What the prefetcher of the daemon and of the simulator plans after an
+    open: the forecast for `streams` (the one that just opened first, then
+    the other live ones, most recent first) and the files to stage, each
+    with the files it must not evict (those expected sooner, and `also`).
+    A predictive policy ranks evictions over a longer horizon than what is
+    staged, so that files beyond the next budget's worth are told apart."""
+    ahead = learner.forecast(streams, size_of, RANK_HORIZON * budget if predictive else budget,
+                             hints=hints, max_steps=RANK_STEPS if predictive else 64)
+    rank = ranks(ahead)
+    return ahead, [(ahead[i][0], ExpectedBy(rank, i, also))
+                   for i in staging(ahead, size_of, budget)]

@@ -163,6 +163,9 @@ class Exporter:
         yield counter("promoted_bytes", "Bytes copied into the fast tier.", s["promoted_bytes"])
         yield counter("promotion_failures", "Promotions that could not read the cold tier.",
                       s["promotions_failed"])
+        yield counter("bypasses", "Opens read from the cold tier without a copy (not "
+                      "admitted, too big, or no room).", s["bypasses"])
+        yield counter("bypassed_bytes", "Sizes of the files bypassed so.", s["bypassed_bytes"])
         yield counter("evictions", "Fast copies dropped to make room.", s["evictions"])
         yield counter("evicted_bytes", "Bytes of fast copies dropped.", s["evicted_bytes"])
         yield counter("prefetched_bytes", "Bytes staged before any open.", pf["prefetched_bytes"])

@@ -33,7 +33,8 @@ from .errors import UserError
 from .fs import Operations
 from .metadata import MetaStore
 from . import metrics, passthrough
-from .policy import make_policy
+from .policy import make_admission, make_policy
+from .residency import Residency
 from .prefetcher import Prefetcher
 from .store import Store
 from .watch import ColdWatch
@@ -55,6 +56,7 @@ class MountConfig:
     fast_dir: str | None = None
     state_dir: str | None = None
     policy: str = "lru"
+    admission: str = "reuse"  # which files that need room are copied (policy.ADMISSIONS)
     allow_other: bool = False
     log_level: str = "info"
     timeout: float = 1.0
@@ -411,15 +413,15 @@ def _serve_mount(cfg: MountConfig, stack: contextlib.ExitStack, created: list[st
     cold = ColdTier(cfg.cold)
     stack.callback(cold.close)
     try:
-        fast = FastTier(cfg.fast_dir, cfg.fast_size, {"cold": cfg.cold,
-                                                      "mountpoint": cfg.mountpoint})
+        fast = FastTier(cfg.fast_dir, {"cold": cfg.cold, "mountpoint": cfg.mountpoint})
     except FastTierError as exc:
         raise UserError(str(exc)) from None
     stack.callback(fast.close)
     meta = MetaStore(os.path.join(cfg.state_dir, "lmdb"))
     stack.callback(meta.close)
-    store = Store(cold, fast, meta, make_policy(cfg.policy),
-                  prefetch_rate=cfg.prefetch_bandwidth)
+    store = Store(cold, fast, meta, Residency(
+        cfg.fast_size, make_policy(cfg.policy), make_admission(cfg.admission, cfg.fast_size)),
+        prefetch_rate=cfg.prefetch_bandwidth)
     exporter = None
     if cfg.metrics_address:  # a taken port stops the start before the mount
         exporter = metrics.start(store, metrics.parse_address(cfg.metrics_address,
@@ -451,8 +453,9 @@ def _serve_mount(cfg: MountConfig, stack: contextlib.ExitStack, created: list[st
     except RuntimeError as exc:
         raise UserError(f"mounting {cfg.mountpoint} failed: {exc}") from None
     created.clear()  # mounted: what was created is in use from now on
-    log.info("mounted %s on %s (fast tier %s, budget %s, policy %s, prefetch %s)", cfg.cold,
-             cfg.mountpoint, cfg.fast_dir, format_size(cfg.fast_size), cfg.policy,
+    log.info("mounted %s on %s (fast tier %s, budget %s, policy %s, admission %s, "
+             "prefetch %s)", cfg.cold, cfg.mountpoint, cfg.fast_dir,
+             format_size(cfg.fast_size), cfg.policy, cfg.admission,
              cfg.predictor if cfg.prefetch else "off")
     unmount = True
     try:

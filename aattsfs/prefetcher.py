@@ -27,7 +27,7 @@ from typing import Iterable
 import trio
 
 from . import hints
-from .learn import RANK_HORIZON, RANK_STEPS, ExpectedBy, Learner, ranks, staging
+from .learn import ExpectedBy, Learner, plan
 from .policy import PredictivePolicy
 from .procs import Stream, alive
 from .store import Promotion, Store
@@ -152,19 +152,17 @@ class Prefetcher:
         for s in [s for s in self._live if s != current and not alive(s)]:
             del self._live[s]
         streams = [current, *(s for s in reversed(self._live) if s != current)]
-        store, budget = self.store, self.store.fast.budget
-        predictive = isinstance(store.policy, PredictivePolicy)
-        ahead = self.learner.forecast(
-            streams, self._size, RANK_HORIZON * budget if predictive else budget,
-            hints=lambda k: self._hinted.get(k, []),
-            max_steps=RANK_STEPS if predictive else 64)
+        policy = self.store.core.policy
+        predictive = isinstance(policy, PredictivePolicy)
+        ahead, staged = plan(self.learner, streams, self._size, self.store.core.budget,
+                             predictive, hints=lambda k: self._hinted.get(k, []))
         if predictive:
-            store.policy.set_forecast([k for k, _ in ahead])
+            policy.set_forecast([k for k, _ in ahead])
         if not self.enabled:
             return
-        rank = ranks(ahead)
-        staged = [(ahead[i][0], ExpectedBy(rank, i)) for i in staging(ahead, self._size, budget)]
-        wanted = {rel for rel, _ in staged}
+        store = self.store
+        wanted = frozenset(rel for rel, _ in staged)
+        store.expected = wanted
         # Only files still to bring in are queued: checking a staged file
         # again would stat the cold tier, once per file per open.
         self._queue = [(rel, protect) for rel, protect in staged if store.absent(rel)]

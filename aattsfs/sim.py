@@ -20,8 +20,11 @@ import math
 from dataclasses import dataclass
 from typing import Container, Hashable, Iterable
 
-from .learn import RANK_HORIZON, RANK_STEPS, ExpectedBy, Learner, ranks, staging
-from .policy import EvictionPolicy, PredictivePolicy, choose_victims
+from collections import OrderedDict
+
+from .learn import Learner, plan
+from .policy import Admission, AdmitAll, EvictionPolicy, PredictivePolicy
+from .residency import Residency
 
 INF = float("inf")
 
@@ -42,6 +45,8 @@ class Result:
     prefetched_bytes: int = 0  # fetched from cold ahead of any request
     prefetch_used_bytes: int = 0  # of those, requested while still cached
     prefetch_wasted_bytes: int = 0  # of those, evicted before any request
+    bypasses: int = 0  # misses read from the cold tier without a copy (not admitted)
+    bypassed_bytes: int = 0
 
     @property
     def hit_ratio(self) -> float:
@@ -68,6 +73,7 @@ class Result:
         return self.prefetch_used_bytes / missed if missed else 0.0
 
 
+MAX_LIVE = 64  # streams forecast for at once (prefetcher.MAX_LIVE)
 MAX_SIZE = 1 << 62  # a file size past any disk: a corrupt trace, not a workload
 
 
@@ -131,66 +137,70 @@ def _request(line: str | bytes) -> Request | None:
 
 
 def simulate(trace: list[Request], budget: int, policy: EvictionPolicy,
-             learner: Learner | None = None, prefetch: bool = True) -> Result:
-    """Replay opens through `policy`: a miss admits the whole file if it fits
-    the budget, evicting as the daemon would. With a `learner`, every open
-    also updates its forecast, which a predictive policy ranks evictions by
-    and, if `prefetch`, which is staged ahead of the requests. A prefetch
-    never evicts a file expected sooner than the one it brings in."""
+             learner: Learner | None = None, prefetch: bool = True,
+             admission: Admission | None = None) -> Result:
+    """Replay opens through the daemon's residency core: a miss brings the
+    whole file in if it fits the budget and is admitted, evicting as the
+    daemon would. With a `learner`, every open also updates its forecast,
+    which a predictive policy ranks evictions by and, if `prefetch`, which
+    is staged ahead of the requests. A prefetch never evicts a file
+    expected sooner than the one it brings in."""
     res = Result()
-    resident: dict[str, int] = {}
+    core = Residency(budget, policy, admission or AdmitAll())
     prefetched: set[str] = set()
     sizes: dict[str, int] = {}
-    free = budget
 
-    def admit(path: str, size: int, protect: Container = frozenset()) -> bool:
-        nonlocal free
-        if size > budget:
-            return False
-        victims, enough = choose_victims(policy, size, free, resident.__getitem__,
-                                         lambda key: key not in protect)
-        if not enough or not policy.should_admit(path, victims):
+    def admit(path: str, size: int, protect: Container, ahead: bool = False) -> bool:
+        victims, why = core.room(path, size, protect=protect, ahead=ahead)
+        if why is not None:
             return False
         for key in victims:
-            free += resident.pop(key)
-            policy.remove(key)
+            core.release(core.drop(key))
             if key in prefetched:
                 prefetched.discard(key)
                 res.prefetch_wasted_bytes += sizes[key]
-        resident[path] = size
-        free -= size
-        policy.admit(path, size)
+        core.reserve(size)
+        core.commit(path, size)
         return True
 
-    for r in trace:
+    # A stream is live from its first open to its last (the daemon asks the
+    # kernel whether the process still runs); the forecast covers them all,
+    # the latest first, as the daemon's prefetcher does.
+    last_open = {r.stream: i for i, r in enumerate(trace)}
+    live: OrderedDict = OrderedDict()
+    predictive = isinstance(policy, PredictivePolicy)
+    for i, r in enumerate(trace):
         res.requests += 1
         res.bytes_requested += r.size
         sizes[r.path] = r.size
-        ahead: list = []
+        staged: list = []
         if learner is not None:
             # observe first: admission judges the file's next use after this one
             learner.observe(r.stream, r.path)
-            # rank evictions over a longer horizon than what is staged, so that
-            # files beyond the next budget's worth are still told apart
-            ahead = learner.forecast([r.stream], sizes.__getitem__, RANK_HORIZON * budget,
-                                     max_steps=RANK_STEPS)
-            if isinstance(policy, PredictivePolicy):
+            live[r.stream] = None
+            live.move_to_end(r.stream)
+            if len(live) > MAX_LIVE:
+                live.popitem(last=False)
+            streams = [s for s in reversed(live) if last_open[s] >= i]
+            ahead, staged = plan(learner, streams, sizes.__getitem__, budget, predictive,
+                                 also=frozenset([r.path]))
+            if predictive:
                 policy.set_forecast([k for k, _ in ahead])
-        if r.path in resident:
+        core.opened(r.path, r.size)
+        if r.path in core.resident:
             res.hits += 1
             res.hit_bytes += r.size
-            policy.access(r.path)
             if r.path in prefetched:
                 prefetched.discard(r.path)
                 res.prefetch_used_bytes += r.size
-        else:
-            admit(r.path, r.size)
-        if not (prefetch and ahead):
+        # a demand read never evicts what the forecast stages (as in Store)
+        elif not admit(r.path, r.size, frozenset(k for k, _ in staged)):
+            res.bypasses += 1
+            res.bypassed_bytes += r.size
+        if not prefetch:
             continue
-        rank, current = ranks(ahead), frozenset([r.path])
-        for i in staging(ahead, sizes.__getitem__, budget):
-            key = ahead[i][0]
-            if key not in resident and admit(key, sizes[key], ExpectedBy(rank, i, current)):
+        for key, protect in staged:
+            if key not in core.resident and admit(key, sizes[key], protect, ahead=True):
                 prefetched.add(key)
                 res.prefetched_bytes += sizes[key]
     for key in prefetched:  # staged but never requested before the trace ended

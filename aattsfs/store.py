@@ -43,7 +43,7 @@ import trio
 
 from .metadata import FileRecord, MetaStore
 from .procs import Stream, stream_of
-from .policy import EvictionPolicy, choose_victims
+from .residency import Residency
 from .tiers import (ColdTier, FastTier, SharedFd, digest_of, new_digest, same_copy,
                     version_of)
 from .watch import ColdWatch
@@ -340,7 +340,7 @@ class Hold:
             del self.store._holds[self.key]
             os.close(self.fd)
             if self.dropped:
-                self.store.fast.release(self.size)
+                self.store.core.release(self.size)
 
 
 @dataclass(eq=False)
@@ -399,6 +399,8 @@ class Stats:
     pushed_bytes: int = 0  # staged copies pushed into the kernel page cache
     read_seconds: dict = field(default_factory=lambda: {"fast": Histogram(),
                                                         "cold": Histogram()})
+    bypasses: int = 0  # opens read from the cold tier without a copy: not admitted
+    bypassed_bytes: int = 0  # (too big, or not worth what it would evict; no room)
     evictions: int = 0
     evicted_bytes: int = 0
     invalidations: int = 0
@@ -411,18 +413,20 @@ class Stats:
 
 
 class Store:
-    def __init__(self, cold: ColdTier, fast: FastTier, meta: MetaStore,
-                 policy: EvictionPolicy, io_threads: int = 16,
-                 max_promotions: int = 2, prefetch_rate: int = 0) -> None:
+    def __init__(self, cold: ColdTier, fast: FastTier, meta: MetaStore, core: Residency,
+                 io_threads: int = 16, max_promotions: int = 2, prefetch_rate: int = 0) -> None:
         self.cold = cold
         self.fast = fast
         self.meta = meta
-        self.policy = policy
+        self.core = core  # the budget, what is resident, eviction and admission
         self.io_limiter = trio.CapacityLimiter(io_threads)  # the cold tier's threads
         self.fast_limiter = trio.CapacityLimiter(2)  # hashing fast copies
         self.promote_limiter = trio.CapacityLimiter(max_promotions)
         self.stats = Stats()
         self._pacer = Pacer(prefetch_rate) if prefetch_rate else None
+        # The files the prefetcher's latest plan stages: a demand promotion
+        # does not evict them (they are expected sooner than a file read now).
+        self.expected: Container[str] = frozenset()
         # Called (as a task) with (rel, version) when a prefetched copy commits.
         self.on_staged: Callable[[str, Version], Awaitable[None]] | None = None
         self.entries: dict[str, Entry] = {rel: Entry(rec) for rel, rec in meta.records.items()}
@@ -462,7 +466,6 @@ class Store:
             e = self._entry(rel)
             e.fast_bytes = fst.st_size
             e.copy_stat = fst
-            self.fast.used += fst.st_size
             # what the copy says it is a copy of: an open of another version
             # drops it at once, the same version waits for the check below
             e.version = tuple(source.get(k) for k in ("size", "mtime_ns", "ino", "ctime_ns"))
@@ -471,16 +474,20 @@ class Store:
             if e.record.tier == "fast" and not e.fast_bytes:
                 e.record.tier = "cold"
                 self._dirty.add(rel)
+        core = self.core
         for rel, e in sorted(self.entries.items(), key=lambda kv: kv[1].record.last_access):
             if e.fast_bytes:
-                self.policy.admit(rel, e.fast_bytes)
-        if self.fast.used > self.fast.budget:  # the budget shrank since last time
-            if not self._make_room(0, partial=True):
+                core.adopt(rel, e.fast_bytes)
+        if core.free < 0:  # the budget shrank since last time
+            for rel in core.shrink_to_budget(lambda rel: not self.entries[rel].record.pinned):
+                self._drop_fast(rel)
+                self.stats.evictions += 1
+            if core.free < 0:
                 log.warning("pinned files hold %d bytes, more than the budget of %d; "
-                            "unpin some or raise --fast-size", self.fast.used, self.fast.budget)
+                            "unpin some or raise --fast-size", core.used, core.budget)
         self._recovered.sort(key=lambda rel: -self.entries[rel].record.last_access)
         log.info("fast tier: %d copies found (%d bytes), to be verified before use",
-                 len(self._recovered), self.fast.used)
+                 len(self._recovered), core.used)
 
     async def _verify_recovered(self) -> None:
         """Check every copy found at start, most recently used first; then
@@ -676,15 +683,18 @@ class Store:
                 "opens": s.opens_watched,
                 **(self.watch.snapshot() if self.watch is not None else {}),
             },
+            "bypasses": s.bypasses,
+            "bypassed_bytes": s.bypassed_bytes,
             "evictions": s.evictions,
             "evicted_bytes": s.evicted_bytes,
             "invalidations": s.invalidations,
             "fast_tier": {
-                "used_bytes": self.fast.used,
-                "budget_bytes": self.fast.budget,
+                "used_bytes": self.core.used,
+                "budget_bytes": self.core.budget,
                 "files": len(fast_files),
                 "pinned_files": sum(1 for e in fast_files if e.record.pinned),
-                "policy": self.policy.name,
+                "policy": self.core.policy.name,
+                "admission": self.core.admission.name,
             },
         }
 
@@ -868,10 +878,10 @@ class Store:
         rec = e.record
         h = Handle(rel, version, e, cold_fd, stream_of(pid))
         h.fast_fd = self._open_fast(rel, e)
+        self.core.opened(rel, version[0])
         if h.fast_fd is not None or held:
             rec.hits += 1
             self.stats.opens_fast += 1
-            self.policy.access(rel)
         else:
             rec.misses += 1
             self.stats.opens_cold += 1
@@ -917,7 +927,10 @@ class Store:
                 continue
             if not h.tried_promotion and not _active(h.entry.prom) and h.version[0] > 0:
                 h.tried_promotion = True
-                self._start_promotion(h.rel, h.entry, h.version, h.cold_fd)
+                if self._start_promotion(h.rel, h.entry, h.version, h.cold_fd,
+                                         self.expected) is None:
+                    self.stats.bypasses += 1
+                    self.stats.bypassed_bytes += h.version[0]
             if h.prom is not None:
                 prom = h.prom
                 usable, waited = await prom.ensure(off, size)
@@ -980,22 +993,21 @@ class Store:
     # -- promotion ---------------------------------------------------------
 
     def _start_promotion(self, rel: str, e: Entry, version: Version, cold_fd: SharedFd,
-                         protect: Container[str] = frozenset(),
-                         prefetch: bool = False) -> Promotion | None:
+                         protect: Container[str] = frozenset(), prefetch: bool = False,
+                         judge: bool = True) -> Promotion | None:
         """Begin promoting rel (the file open as `cold_fd`) if its whole size
-        fits the budget and the policy finds it worth what it evicts; attach
-        every open handle of this version of the file to the promotion."""
+        fits the budget and (if `judge`) the residency core admits it at the
+        price of what it evicts; attach every open handle of this version of
+        the file to the promotion. None: rel is read from the cold tier."""
         size = version[0]
         if e.fast_bytes or _active(e.prom):
             return e.prom
-        if (self._nursery is None
-                or not self._make_room(size, protect, admit=rel, spare_open=prefetch)
-                or not self.fast.reserve(size)):
+        if self._nursery is None or not self._make_room(rel, size, protect, prefetch, judge):
             return None
         try:
             tmp_path, tmp_fd = self.fast.create_temp()
         except OSError:
-            self.fast.release(size)
+            self.core.release(size)
             raise
         cold_fd.hold()  # the promotion's own reference, dropped when it ends
         prom = e.prom = Promotion(self, rel, version, cold_fd, tmp_path, SharedFd(tmp_fd),
@@ -1040,14 +1052,14 @@ class Store:
             e.copy_stat = prom.copy_stat
             e.verified = True
             e.record.tier = "fast"
-            self.policy.admit(prom.rel, prom.size)
+            self.core.commit(prom.rel, prom.size)
             self.stats.promotions += 1
             self.stats.promoted_bytes += prom.size
             self._dirty.add(prom.rel)
             if prom.prefetch and self.on_staged is not None and not prom.cancelled:
                 self._nursery.start_soon(self.on_staged, prom.rel, prom.version)
         else:
-            self.fast.release(prom.size)
+            self.core.release(prom.size)
             self._unused_prefetch(e)
             if prom.failed:
                 self.stats.promotions_failed += 1
@@ -1070,33 +1082,27 @@ class Store:
             self._drop_fast(prom.rel)
         prom.done.set()
 
-    def _make_room(self, size: int, protect: Container[str] = frozenset(),
-                   partial: bool = False, admit: str | None = None,
-                   spare_open: bool = False) -> bool:
-        """Evict by policy until `size` more bytes fit; pinned files, files in
-        `protect`, files open right now if `spare_open`, and promotions in
-        flight are never evicted. If that cannot make enough room, or the
-        policy would rather not bring `admit` in at that price, nothing is
-        evicted (unless `partial`)."""
-        if size > self.fast.budget:
-            return False
-
-        def evictable(rel: str) -> bool:
-            e = self.entries[rel]
+    def _make_room(self, rel: str, size: int, protect: Container[str], prefetch: bool,
+                   judge: bool) -> bool:
+        """Reserve `size` bytes for rel, evicting in policy order: pinned
+        files, files in `protect`, files open right now if `prefetch`,
+        copies passthrough opens hold and promotions in flight are never
+        evicted. False, with nothing evicted, if that cannot make room or
+        (if `judge`) the core does not admit rel at that price."""
+        def evictable(other: str) -> bool:
+            e = self.entries[other]
             # a copy passthrough opens hold would free nothing until they close
-            return not (e.record.pinned or rel in protect or spare_open and e.handles
+            return not (e.record.pinned or prefetch and e.handles
                         or self._held(e) is not None)
 
-        victims, enough = choose_victims(
-            self.policy, size, self.fast.free,
-            size_of=lambda rel: self.entries[rel].fast_bytes, evictable=evictable)
-        if admit is not None and not self.policy.should_admit(admit, victims):
+        victims, why = self.core.room(rel, size, evictable, protect, judge, ahead=prefetch)
+        if why is not None:
+            log.debug("%s read from the cold tier without a copy: %s", rel, why)
             return False
-        if enough or partial:
-            for rel in victims:
-                self._drop_fast(rel)
-                self.stats.evictions += 1
-        return enough
+        for other in victims:
+            self._drop_fast(other)
+            self.stats.evictions += 1
+        return self.core.reserve(size)
 
     def _drop_fast(self, rel: str, damaged: bool = False) -> None:
         """Remove rel's fast copy (`damaged`: it no longer holds the cold
@@ -1109,17 +1115,17 @@ class Store:
         self.fast.remove(rel)
         if self.watch is not None:
             self.watch.unwatch(rel)
+        self.core.drop(rel)
         if held is not None:
             held.unlinked(damaged)  # the budget gets these bytes back at the last close
         else:
-            self.fast.release(e.fast_bytes)
+            self.core.release(e.fast_bytes)
         self.stats.evicted_bytes += e.fast_bytes
         self._unused_prefetch(e)
         e.fast_bytes = 0
         e.copy_stat = None
         e.verified = False
         e.record.tier = "cold"
-        self.policy.remove(rel)
         self._dirty.add(rel)
         for h in e.handles:
             if h.fast_fd is not None:
@@ -1145,7 +1151,7 @@ class Store:
             try:
                 if e.fast_bytes or version[0] == 0:
                     return  # a copy found at start is being verified
-                prom = self._start_promotion(rel, e, version, cold_fd)
+                prom = self._start_promotion(rel, e, version, cold_fd, judge=False)
             finally:
                 cold_fd.close()
             if prom is None:

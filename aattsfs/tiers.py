@@ -290,8 +290,8 @@ class FastTierError(Exception):
 
 
 class FastTier:
-    """A directory holding complete, verified copies of cold files, within a
-    byte budget.
+    """A directory holding complete, verified copies of cold files (the
+    budget they fit is counted by residency.Residency).
 
     Layout: a marker file (locked while a daemon uses the directory),
     ``copies/<sha256 of the path>`` for committed copies, ``partial/`` for
@@ -300,18 +300,12 @@ class FastTier:
     digest of its bytes, so a copy describes itself and is verified against
     that digest before it is served after a restart. The daemon deletes only
     names of those two patterns, and only inside its own directory.
-
-    `used` counts committed bytes plus reservations for promotions in flight;
-    the store reserves before it writes a single byte, so `used` never goes
-    over `budget`.
     """
 
-    def __init__(self, root: str, budget: int, owner: dict | None = None) -> None:
+    def __init__(self, root: str, owner: dict | None = None) -> None:
         self.root = root
-        self.budget = budget
         self.data = os.path.join(root, "copies")
         self.tmp = os.path.join(root, "partial")
-        self.used = 0
         try:
             os.makedirs(root, mode=0o700, exist_ok=True)
             self._lock_fd = self._claim(owner or {})
@@ -376,10 +370,6 @@ class FastTier:
     def close(self) -> None:
         os.close(self._lock_fd)
 
-    @property
-    def free(self) -> int:
-        return self.budget - self.used
-
     @staticmethod
     def name(rel: str) -> str:
         return hashlib.sha256(os.fsencode(rel)).hexdigest()
@@ -410,16 +400,6 @@ class FastTier:
                 log.info("fast dir: dropping %s (%s)", name, exc)
                 self._unlink(full)
         return found
-
-    def reserve(self, n: int) -> bool:
-        if n > self.free:
-            return False
-        self.used += n
-        return True
-
-    def release(self, n: int) -> None:
-        self.used -= n
-        assert self.used >= 0, "fast-tier accounting went negative"
 
     def create_temp(self) -> tuple[str, int]:
         path = os.path.join(self.tmp, uuid.uuid4().hex + ".part")

@@ -85,9 +85,64 @@ def pertensor(layers: int = 24, passes: int = 6, seed: int = 0) -> list[Request]
     return one * passes
 
 
+# Noisy patterns: real loaders are not as clean as the seed patterns above.
+
+def pertensor_skips(layers: int = 24, passes: int = 6, skip: float = 0.05,
+                    seed: int = 0) -> list[Request]:
+    """Per-tensor files pass after pass, each file skipped with probability
+    `skip` in each pass (a layer frozen, a tensor tied, a cached shard)."""
+    rng = random.Random(seed)
+    one = pertensor(layers, 1)
+    return [r for _ in range(passes) for r in one if rng.random() >= skip]
+
+
+def _model_load(d: str, shards: int, shard_size: int, stream) -> list[Request]:
+    """What one fresh loader process opens: the config, the tokenizer files
+    and the index around the shards, as transformers does."""
+    small = [Request(f"{d}/config.json", 1024, stream),
+             Request(f"{d}/tokenizer_config.json", 2048, stream),
+             Request(f"{d}/tokenizer.json", 2 * MiB, stream),
+             Request(f"{d}/model.safetensors.index.json", 16 * 1024, stream)]
+    big = [Request(f"{d}/model-{s + 1:05d}-of-{shards:05d}.safetensors",
+                   shard_size + s * MiB, stream) for s in range(shards)]
+    return [*small[:1], *small[3:], *big, small[0], *small[1:3], Request(
+        f"{d}/generation_config.json", 512, stream)]
+
+
+def rotation(models: int = 8, shards: int = 3, shard_size: int = 48 * MiB,
+             loads: int = 160, p: float = 0.75, seed: int = 0) -> list[Request]:
+    """A rotation of models, each load a fresh process (its own stream);
+    the next model is the fixed successor with probability p, another one
+    otherwise; small files opened around the shards."""
+    rng = random.Random(seed)
+    out: list[Request] = []
+    current = 0
+    for n in range(loads):
+        out += _model_load(f"model{current}", shards, shard_size, (n, None))
+        current = (current + 1) % models if rng.random() < p else rng.randrange(models)
+    return out
+
+
+def interleaved(models: int = 8, shards: int = 3, shard_size: int = 48 * MiB,
+                loads: int = 160, p: float = 0.75, seed: int = 0) -> list[Request]:
+    """Two rotations over different halves of the models, their loads
+    running side by side: the opens of two processes interleave at random."""
+    rng = random.Random(seed)
+    half = models // 2
+    lanes = [rotation(half, shards, shard_size, loads // 2, p, seed + k) for k in (1, 2)]
+    for k, lane in enumerate(lanes):  # tell the lanes' files and streams apart
+        lane[:] = [Request(f"{'ab'[k]}{r.path}", r.size, (k, r.stream)) for r in lane]
+    out = []
+    while any(lanes):
+        lane = rng.choice([lane for lane in lanes if lane])
+        out.append(lane.pop(0))
+    return out
+
+
 PATTERNS: dict[str, Callable[..., list[Request]]] = {
     "sequential": sequential, "loop": loop, "random": uniform, "hotspot": hotspot,
     "burst": burst, "pipeline": pipeline, "pertensor": pertensor,
+    "pertensor-skips": pertensor_skips, "rotation": rotation, "interleaved": interleaved,
 }
 
 

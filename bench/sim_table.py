@@ -13,28 +13,31 @@ from __future__ import annotations
 import benchenv  # noqa: F401 (the import path)
 
 from aattsfs.learn import Learner
-from aattsfs.policy import make_policy
+from aattsfs.policy import make_admission, make_policy
 from aattsfs.sim import belady_min, byte_bound, simulate
 from aattsfs.tracegen import PATTERNS
 from harness import update_doc
 
-DEMAND = [("LRU", "lru", None), ("LFU", "lfu", None),
-          ("predictive + last successor", "predictive", "last"),
-          ("predictive + Markov", "predictive", "markov"),
-          ("predictive + PPM", "predictive", "ppm")]
-PREFETCH = [("LRU + Markov prefetch", "lru", "markov"),
-            ("predictive + Markov prefetch", "predictive", "markov"),
-            ("predictive + PPM prefetch", "predictive", "ppm")]
+# (column, policy, admission, predictor); the mount's default is LRU + reuse
+DEMAND = [("LRU", "lru", "all", None), ("LFU", "lfu", "all", None),
+          ("2Q", "2q", "all", None), ("LRU + TinyLFU", "lru", "tinylfu", None),
+          ("**LRU + reuse**", "lru", "reuse", None),
+          ("predictive + Markov", "predictive", "all", "markov"),
+          ("predictive + Markov + reuse", "predictive", "reuse", "markov"),
+          ("predictive + PPM + reuse", "predictive", "reuse", "ppm")]
+PREFETCH = [("LRU + Markov prefetch", "lru", "all", "markov"),
+            ("**LRU + reuse + Markov prefetch**", "lru", "reuse", "markov"),
+            ("predictive + reuse + Markov prefetch", "predictive", "reuse", "markov")]
 
 
 def main() -> None:
-    head = ["pattern", "opens", *[name for name, _, _ in DEMAND], "optimum"]
+    head = ["pattern", "opens", *[name for name, _, _, _ in DEMAND], "optimum"]
     demand = ["Byte hit ratio, and in brackets its fraction of the optimum: MIN where all "
               "files have one size, the byte bound otherwise (docs/trace-format.md). "
               "Budget = half the working set; demand caching only.", "",
               "Reproduce: `.venv/bin/python bench/sim_table.py`", "",
               "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-    head2 = ["pattern", *[name for name, _, _ in PREFETCH]]
+    head2 = ["pattern", *[name for name, _, _, _ in PREFETCH]]
     prefetch = ["", "With prefetch (stage the forecast files more likely needed than not, "
                 "up to the budget): bytes read from the cold tier relative to the optimum's, "
                 "then prefetch precision / recall. Hit ratios are not comparable to the "
@@ -48,16 +51,18 @@ def main() -> None:
             else byte_bound(trace, budget)
         best = opt.byte_hit_ratio
         cells = []
-        for _, policy, pred in DEMAND:
+        for _, policy, admission, pred in DEMAND:
             r = simulate(trace, budget, make_policy(policy),
-                         Learner(pred) if pred else None, prefetch=False)
+                         Learner(pred) if pred else None, prefetch=False,
+                         admission=make_admission(admission, budget))
             frac = f" ({r.byte_hit_ratio / best:.2f})" if best else ""
             cells.append(f"{r.byte_hit_ratio:.3f}{frac}")
         demand.append(f"| {pattern} | {len(trace)} | " + " | ".join(cells) +
                       f" | {best:.3f} |")
         cells = []
-        for _, policy, pred in PREFETCH:
-            r = simulate(trace, budget, make_policy(policy), Learner(pred))
+        for _, policy, admission, pred in PREFETCH:
+            r = simulate(trace, budget, make_policy(policy), Learner(pred),
+                         admission=make_admission(admission, budget))
             cells.append(f"{r.cold_bytes / opt.cold_bytes:.2f}x, {r.precision:.2f} / "
                          f"{r.recall:.2f}")
         prefetch.append(f"| {pattern} | " + " | ".join(cells) + " |")

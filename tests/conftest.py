@@ -59,7 +59,8 @@ def run_cli(*args, check=True, **kw) -> subprocess.CompletedProcess:
 
 class Mount:
     def __init__(self, root: Path, cold: Path, fast_size="256M", policy="lru",
-                 extra=(), fast: Path | None = None, env: dict | None = None) -> None:
+                 extra=(), fast: Path | None = None, env: dict | None = None,
+                 admission="reuse") -> None:
         self.cold = Path(cold)
         self.mnt = root / "mnt"
         self.fast = fast or root / "fast"
@@ -67,6 +68,7 @@ class Mount:
         self.log = root / "daemon.log"
         self.fast_size = fast_size
         self.policy = policy
+        self.admission = admission
         self.extra = list(extra)
         self.env = env
         self.allowed: list[re.Pattern] = []
@@ -76,7 +78,8 @@ class Mount:
     def start(self) -> "Mount":
         cmd = [sys.executable, "-m", "aattsfs", "mount", str(self.cold), str(self.mnt),
                "--foreground", "--fast-dir", str(self.fast), "--state-dir", str(self.state),
-               "--fast-size", str(self.fast_size), "--policy", self.policy, *self.extra]
+               "--fast-size", str(self.fast_size), "--policy", self.policy,
+               "--admission", self.admission, *self.extra]
         with open(self.log, "ab") as logf:
             self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL,

@@ -59,7 +59,8 @@ def test_predictive_policy_evicts_the_furthest_expected():
     assert list(pol.victims()) == ["b", "d", "a", "c"]
     assert pol.should_admit("c", ["a"])  # c is expected before a
     assert not pol.should_admit("a", ["c"])  # bypass: a is expected after c
-    assert pol.should_admit("x", ["a"])  # unknown to the forecast: admitted like LRU
+    # unknown to the forecast: no opinion, the admission filter decides
+    assert pol.should_admit("x", ["a"]) is None
 
 
 def test_predictive_policy_approaches_min_on_a_loop():
@@ -73,19 +74,19 @@ def test_predictive_policy_approaches_min_on_a_loop():
 
 @pytest.mark.parametrize("pattern", sorted(PATTERNS))
 def test_prefetch_never_breaks_the_budget(pattern, monkeypatch):
-    import aattsfs.sim as sim
+    from aattsfs.residency import Residency
     trace = PATTERNS[pattern]()
     budget = sum({r.path: r.size for r in trace}.values()) // 2
     peak = []
-    orig = sim.choose_victims
+    orig = Residency.commit
 
-    def watched(policy, need, free, size_of, evictable):
-        peak.append(budget - free)
-        return orig(policy, need, free, size_of, evictable)
+    def watched(self, key, size):
+        peak.append(self.used)
+        orig(self, key, size)
 
-    monkeypatch.setattr(sim, "choose_victims", watched)
+    monkeypatch.setattr(Residency, "commit", watched)
     r = simulate(trace, budget, make_policy("predictive"), Learner("ppm"))
-    assert max(peak) <= budget
+    assert peak and max(peak) <= budget
     assert r.prefetch_used_bytes + r.prefetch_wasted_bytes == r.prefetched_bytes
 
 

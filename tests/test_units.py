@@ -9,7 +9,8 @@ import pytest
 from aattsfs.errors import UserError
 from aattsfs.metadata import FileRecord, MetaStore
 from aattsfs.namespace import FIRST_DYNAMIC, ROOT, Namespace
-from aattsfs.policy import LFUPolicy, LRUPolicy
+from aattsfs.policy import AdmitAll, LFUPolicy, LRUPolicy
+from aattsfs.residency import Residency
 from aattsfs.tiers import ColdTier, FastTier
 from aattsfs.units import format_size, parse_size
 
@@ -137,12 +138,12 @@ def test_cold_symlinks(tmp_path):
     assert cold.readlink("etc") is None
 
 
-def test_fast_tier_budget(tmp_path):
-    fast = FastTier(str(tmp_path / "fast"), 100)
-    assert fast.reserve(60) and not fast.reserve(41) and fast.reserve(40)
-    assert fast.free == 0
-    fast.release(100)
-    assert fast.used == 0
+def test_residency_budget():
+    core = Residency(100, LRUPolicy(), AdmitAll())
+    assert core.reserve(60) and not core.reserve(41) and core.reserve(40)
+    assert core.free == 0
+    core.release(100)
+    assert core.used == 0
 
 
 def _model_dir(names, weight_map=None):

@@ -1,0 +1,120 @@
+"""The residency core: which files the fast tier holds, within a byte
+budget, and which may come in (docs/admission.md).
+
+Plain synchronous code with no FUSE, trio or I/O, driven by the daemon's
+`Store` (which does the copying, and keeps its promotions and open handles
+in its own entries) and by the simulator, so that a change of policy is
+judged offline on the very code the daemon runs.
+
+Bytes are counted in three states, all within the budget:
+
+- *resident*: a committed copy the policy orders (`commit` .. `drop`);
+- *reserved*: room taken for a copy in flight, before a byte is written;
+- *held*: a dropped copy whose bytes stay allocated until its last reader
+  goes (passthrough opens); the Store returns them with `release`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Container, Hashable
+
+from .policy import Admission, EvictionPolicy, choose_victims
+
+Key = Hashable
+
+# Why a file did not come in (`room`): it is larger than the whole budget;
+# the files that could make room for it are pinned, protected or in use;
+# or the policy expects it back later than what it would push out.
+TOO_BIG, NO_ROOM, NOT_ADMITTED = "too big", "no room", "not admitted"
+
+
+class Residency:
+    def __init__(self, budget: int, policy: EvictionPolicy, admission: Admission) -> None:
+        self.budget = budget
+        self.used = 0  # resident + reserved + held
+        self.policy = policy
+        self.admission = admission
+        self.resident: dict[Key, int] = {}
+
+    @property
+    def free(self) -> int:
+        return self.budget - self.used
+
+    def opened(self, key: Key, size: int) -> None:
+        """An open of key, fast or not: what admission learns reuse from."""
+        self.admission.opened(key, size)
+        if key in self.resident:
+            self.policy.access(key)
+
+    def room(self, key: Key, size: int, evictable: Callable[[Key], bool] = lambda k: True,
+             protect: Container = frozenset(), judge: bool = True, ahead: bool = False
+             ) -> tuple[list[Key], str | None]:
+        """The resident files to drop so that key (size bytes) comes in, in
+        policy order; or ([], why not). `judge`: whether the policy and the
+        admission filter have a say (not for a file a user asked for).
+        `ahead`: key is staged for a forecast that expects it before the
+        files in `protect`; the forecast, not past reuse, vouches for it, so
+        the admission filter has no say. Nothing changes until the caller
+        drops them and calls `reserve`."""
+        if size > self.budget:
+            return [], TOO_BIG
+
+        def may_go(k: Key) -> bool:
+            return k not in protect and evictable(k)
+
+        victims, enough = choose_victims(self.policy, size, self.free,
+                                         self.resident.__getitem__, may_go)
+        if not enough:
+            return [], NO_ROOM
+        if not judge:
+            return victims, None
+        verdict = self.policy.should_admit(key, victims)
+        if verdict is None and ahead:
+            verdict = True
+        if verdict is not None:
+            return (victims, None) if verdict else ([], NOT_ADMITTED)
+        # the policy has no opinion: the admission filter decides
+        if self.admission.admit(key, size, victims):
+            return victims, None
+        only = self.admission.probation(key)
+        if only is not None:
+            victims, enough = choose_victims(self.policy, size, self.free,
+                                             self.resident.__getitem__,
+                                             lambda k: only(k) and may_go(k))
+            if enough and self.admission.on_probation(key, size, victims):
+                return victims, None
+        return [], NOT_ADMITTED
+
+    def shrink_to_budget(self, evictable: Callable[[Key], bool]) -> list[Key]:
+        """The files to drop, in policy order, to get back within the budget
+        (it shrank since the copies were made); as many as may go."""
+        victims, _ = choose_victims(self.policy, 0, self.free, self.resident.__getitem__,
+                                    evictable)
+        return victims
+
+    def reserve(self, size: int) -> bool:
+        if size > self.free:
+            return False
+        self.used += size
+        return True
+
+    def release(self, size: int) -> None:
+        self.used -= size
+        assert self.used >= 0, "fast-tier accounting went negative"
+
+    def commit(self, key: Key, size: int) -> None:
+        """A copy of key, reserved before, is in place."""
+        self.resident[key] = size
+        self.policy.admit(key, size)
+
+    def adopt(self, key: Key, size: int) -> None:
+        """A copy found at start: counted (even past the budget) and ordered."""
+        self.used += size
+        self.commit(key, size)
+
+    def drop(self, key: Key) -> int:
+        """key's copy is gone (or only held); its bytes, which the caller
+        releases now or when the last holder goes."""
+        self.policy.remove(key)
+        self.admission.left(key)
+        return self.resident.pop(key, 0)
