@@ -11,9 +11,10 @@ at start (docs/prediction.md says why no counts are stored). Schema 1 also
 kept global transition counts (``trans``); opening it drops them.
 
 The daemon keeps its working state in memory and hands this module batches
-(`write_batch`) from a periodic flush, so no read request ever waits on an
-LMDB write. Every transaction is short and synchronous; callers never await
-inside one.
+(`write_batch`) from a periodic flush that runs in a worker thread, so no
+request ever waits on an LMDB write or its fsync. Every transaction is
+short and synchronous; callers never await inside one. `lock` serialises
+that thread's writes with reads of the trace from the trio thread.
 
 The metadata is a cache of what can be re-learned, never the only copy of
 data, so damage never stops a mount (docs/crash-recovery.md). LMDB maps
@@ -42,6 +43,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from typing import Iterable
@@ -227,6 +229,7 @@ class MetaStore:
         self._map_size = map_size
         self._temporary: str | None = None  # an environment that lives for this mount only
         self._bad_events_reported = False
+        self.lock = threading.Lock()  # held by whoever writes a batch or reads the ring
         problem = _problem(path, map_size)
         if problem is None:
             try:

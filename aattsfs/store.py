@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import copy
 import errno
 import itertools
 import logging
@@ -433,6 +434,8 @@ class Store:
         self._nursery: trio.Nursery | None = None
         self._dirty: set[str] = set()
         self._events: list[dict] = []  # trace events not yet in LMDB
+        self._writing: list[dict] = []  # events a flush thread is writing now
+        self._meta_limiter = trio.CapacityLimiter(1)  # one LMDB flush at a time
         self._recovered: list[str] = []  # copies found at start, to verify
         # Copies the kernel reads for passthrough opens, by (dev, ino). A
         # dropped copy's bytes stay allocated, and counted in the budget,
@@ -571,7 +574,7 @@ class Store:
             while True:
                 await trio.sleep(FLUSH_INTERVAL)
                 try:
-                    self.flush()
+                    await self._flush_in_thread()
                 except Exception as exc:  # a full disk, a damaged map, a bug
                     # The metadata only caches what can be re-learned: keep
                     # serving, and say so once, not every second.
@@ -591,14 +594,42 @@ class Store:
             log.warning("could not bring pinned file %s back into the fast tier: %s",
                         rel, os.strerror(exc.errno))
 
-    def flush(self) -> None:
+    def _take_batch(self) -> tuple[dict, list[dict]] | None:
+        """What changed since the last flush: copies of the changed records
+        (the trio thread goes on changing the records themselves) and the
+        new events (never changed once emitted)."""
         if not (self._dirty or self._events):
-            return
-        batch = {rel: self.entries[rel].record if rel in self.entries else None
+            return None
+        batch = {rel: copy.copy(self.entries[rel].record) if rel in self.entries else None
                  for rel in self._dirty}
         events = self._events
         self._dirty, self._events = set(), []
-        self.meta.write_batch(batch, events)
+        return batch, events
+
+    def flush(self) -> None:
+        """Write what changed, here and now (at unmount, when no flush
+        thread runs)."""
+        taken = self._take_batch()
+        if taken is not None:
+            self.meta.write_batch(*taken)
+
+    async def _flush_in_thread(self) -> None:
+        """Write what changed in a worker thread: an LMDB commit (fsync, a
+        millisecond or more) must not hold up the requests the trio thread
+        serves. Not abandoned on cancellation: shutdown waits for the write,
+        so that the final flush and close find LMDB idle."""
+        taken = self._take_batch()
+        if taken is None:
+            return
+        self._writing = taken[1]
+        await trio.to_thread.run_sync(self._write_batch, *taken, limiter=self._meta_limiter)
+
+    def _write_batch(self, batch: dict, events: list[dict]) -> None:
+        with self.meta.lock:  # trace() sees the events either written or pending
+            try:
+                self.meta.write_batch(batch, events)
+            finally:
+                self._writing = []
 
     def _emit(self, event: dict) -> None:
         """An access event: kept for the trace (flushed to LMDB with the next
@@ -625,7 +656,8 @@ class Store:
 
     def trace(self) -> list[dict]:
         """The recent access events, oldest first (docs/trace-format.md)."""
-        return self.meta.events() + self._events
+        with self.meta.lock:  # waits out a flush writing (a few ms at most)
+            return self.meta.events() + self._writing + self._events
 
     def tier(self, rel: str) -> str:
         e = self.entries.get(rel)

@@ -17,6 +17,8 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import lmdb
@@ -317,3 +319,67 @@ def test_trace_ring_stays_bounded_whatever_its_keys(tmp_path, monkeypatch):
     m.write_batch({}, evs[21:])
     assert m.events() == evs[21:]  # the oldest went first, by count
     m.close()
+
+
+@pytest.fixture
+def freezable_dir(tmp_path):
+    """(directory, freeze, thaw): an ext4 filesystem of its own on a loop
+    device, whose writes block while it is frozen (fsfreeze), as on a disk
+    that stops answering. Thawed, unmounted and detached afterwards."""
+    image, path = tmp_path / "ext4.img", tmp_path / "frozen"
+    with open(image, "wb") as f:
+        f.truncate(64 << 20)
+    subprocess.run(["mkfs.ext4", "-q", str(image)], check=True)
+    dev = subprocess.run(["losetup", "--find", "--show", str(image)], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    path.mkdir()
+
+    def thaw():
+        subprocess.run(["fsfreeze", "-u", str(path)], capture_output=True)
+
+    try:
+        subprocess.run(["mount", dev, str(path)], check=True)
+        try:
+            yield path, lambda: subprocess.run(["fsfreeze", "-f", str(path)], check=True), thaw
+        finally:
+            thaw()
+            subprocess.run(["umount", "-l", str(path)], check=True)
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=True)
+
+
+def test_a_metadata_disk_that_hangs_does_not_stop_reads(cold_tree, mounter, freezable_dir):
+    """The LMDB flush (a write and an fsync a second) runs in a worker
+    thread: with the state directory's disk frozen, reads through the mount
+    go on; once it answers again, what was learned meanwhile is written."""
+    state, freeze, thaw = freezable_dir
+    m = mounter(cold_tree, start=False)
+    m.state = state / "state"
+    m.start()
+    rel = "mid.bin"
+    serves(m, [rel])
+    freeze()
+    try:
+        done = threading.Event()
+
+        def reader():
+            for _ in range(30):  # 3 s: three flushes meet the frozen disk
+                serves(m, [rel])
+                time.sleep(0.1)
+            done.set()
+
+        t = threading.Thread(target=reader, daemon=True)
+        t.start()
+        # with the flush on the trio thread, the first flush after the freeze
+        # blocked every request of the mount until the thaw
+        t.join(60)
+        assert done.is_set(), "reads hung while the metadata disk was frozen"
+        assert m.proc.poll() is None
+    finally:
+        thaw()
+    proc = m.proc
+    m.stop()
+    assert proc.returncode == 0, m.log.read_text()
+    opens = [e for e in MetaStore(str(m.state / "lmdb")).events()
+             if e["op"] == "open" and e["path"] == rel]
+    assert len(opens) == 31  # every open, the frozen ones too, reached LMDB
