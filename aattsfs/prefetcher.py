@@ -60,6 +60,7 @@ class Prefetcher:
         self._wake = trio.Event()
         self._starting = trio.Lock()
         self._replan = trio.Event()
+        self._pending = False  # an open came that is not planned for yet
         self._current: Stream | None = None  # the stream of the latest open
         self._live: OrderedDict[Stream, None] = OrderedDict()
         self._hinted: OrderedDict[str, list[str]] = OrderedDict()  # rel -> model files
@@ -74,6 +75,7 @@ class Prefetcher:
                 self.learner.observe((ev.get("pid"), ev.get("start")), ev["path"])
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self.store.plan_pending = self.plan_pending
         async with trio.open_nursery() as nursery:
             for _ in range(self.jobs):
                 nursery.start_soon(self._worker)
@@ -98,16 +100,25 @@ class Prefetcher:
         self.learner.observe(stream, rel, files)
         _remember(self._live, stream, None, MAX_LIVE)
         self._current = stream
+        self._pending = True
         self._replan.set()
+
+    def plan_pending(self) -> None:
+        """Plan now if an open is not planned for yet: the store asks before
+        it decides on a promotion, which the forecast ranks (between two
+        plans, throttled, the forecast would be an open behind)."""
+        if self._pending:
+            self._pending = False
+            try:
+                self._plan(self._current)
+            except Exception:
+                log.exception("prefetch planning failed; going on")
 
     async def _planner(self) -> None:
         while True:
             await self._replan.wait()
             self._replan = trio.Event()
-            try:
-                self._plan(self._current)
-            except Exception:
-                log.exception("prefetch planning failed; going on")
+            self.plan_pending()
             await trio.sleep(PLAN_INTERVAL)
 
     def _read_json(self, rel: str) -> dict:

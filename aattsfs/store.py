@@ -31,6 +31,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import copy
+import heapq
 import errno
 import itertools
 import logging
@@ -52,6 +53,7 @@ from .watch import ColdWatch
 log = logging.getLogger(__name__)
 
 CHUNK = 4 << 20
+LANES = 2  # chunk copies the fillers run at once, the most urgent file first
 FLUSH_INTERVAL = 1.0
 EVENT_BUFFER = 10_000  # access events waiting for the prefetcher; more are dropped
 MAX_RANGES = 256  # read ranges recorded per open; the rest are counted, not listed
@@ -128,7 +130,55 @@ class Pacer:
         return start - now
 
 
+class Lanes:
+    """Slots for background chunk copies (fillers), granted in priority
+    order: on a bandwidth-bound cold tier two files copied side by side
+    each arrive at half the rate, so the file needed first should have
+    every slot until it is in, while single-chunk files (a latency-bound
+    tier's case) still copy side by side. Demand reads do not take a slot."""
+
+    def __init__(self, slots: int) -> None:
+        self.free = slots
+        self._waiting: list = []  # heap of [priority, ticket, event, abandoned]
+        self._tickets = itertools.count()
+
+    @contextlib.asynccontextmanager
+    async def slot(self, priority: tuple):
+        if self.free and not self._waiting:
+            self.free -= 1
+        else:
+            entry = [priority, next(self._tickets), trio.Event(), False]
+            heapq.heappush(self._waiting, entry)
+            try:
+                await entry[2].wait()
+            except BaseException:
+                if entry[2].is_set():  # granted as it was cancelled: pass it on
+                    self._release()
+                entry[3] = True
+                raise
+        try:
+            yield
+        finally:
+            self._release()
+
+    def outranked(self, priority: tuple) -> bool:
+        """Whether a more urgent file waits for a slot."""
+        while self._waiting and self._waiting[0][3]:
+            heapq.heappop(self._waiting)  # abandoned
+        return bool(self._waiting) and self._waiting[0][0] < priority
+
+    def _release(self) -> None:
+        while self._waiting:
+            entry = heapq.heappop(self._waiting)
+            if not entry[3]:
+                entry[2].set()  # the slot passes straight to the most urgent
+                return
+        self.free += 1
+
+
 class Promotion:
+    _order = itertools.count()  # promotions started earlier are needed sooner
+
     def __init__(self, store: "Store", rel: str, version: Version,
                  cold_fd: SharedFd, tmp_path: str, tmp_fd: SharedFd, prefetch: bool) -> None:
         self.store = store
@@ -152,6 +202,10 @@ class Promotion:
         self.watch_wd: int | None = None  # the cold file's inotify watch, placed at the commit
         self.copy_stat: os.stat_result | None = None  # the committed copy's identity
         self.prefetch = prefetch  # the filler is paced until a process opens the file
+        self._seq = next(self._order)
+        self._claimed: set[int] = set()  # chunks a filler lane is about to copy
+        self._scan = 0  # every chunk below is present or being copied
+        self._lane_scopes: set[trio.CancelScope] = set()  # lanes' copies, stopped by cancel
 
     def _failed(self, exc: OSError) -> None:
         self.failed = True
@@ -187,10 +241,13 @@ class Promotion:
             ev.set()
 
     def cancel(self) -> None:
-        """Stop at the next chunk boundary (a paced filler stops waiting now);
+        """Stop at the next chunk boundary (a paced filler stops waiting now,
+        a lane's copy is abandoned so that its slot goes to another file);
         the reservation is returned when the filler ends."""
         self.cancelled = True
         self._cancel_event.set()
+        for scope in self._lane_scopes:
+            scope.cancel()
 
     async def wait_cancelled(self, timeout: float) -> None:
         with trio.move_on_after(timeout):
@@ -239,18 +296,62 @@ class Promotion:
             self.watch_wd = self.store.watch.add(cold_fd, is_dir=False)
         return committed
 
+    def _priority(self) -> tuple[int, int]:
+        """Files a process has open first, then in the order they started."""
+        return (0 if self.store.entries[self.rel].handles else 1, self._seq)
+
+    def _claim(self) -> int | None:
+        """The lowest chunk nobody copies yet, claimed for a lane. (A chunk
+        below the scan only goes missing again when the promotion fails or
+        is cancelled, which ends every lane.)"""
+        while self._scan < len(self.state) and (self.state[self._scan] != 0
+                                                or self._scan in self._claimed):
+            self._scan += 1
+        if self._scan == len(self.state):
+            return None
+        self._claimed.add(self._scan)
+        return self._scan
+
+    async def _lane(self) -> None:
+        """Copy chunks, lowest first, holding a slot of the store's lanes
+        until none is left or a more urgent file waits for the slot."""
+        scope = trio.CancelScope()
+        self._lane_scopes.add(scope)
+        try:
+            with scope:
+                while self._alive():
+                    idx = self._claim()
+                    if idx is None:
+                        return
+                    try:
+                        async with self.store.lanes.slot(self._priority()):
+                            while idx is not None:
+                                await self.store.pace(self, min(CHUNK, self.size - idx * CHUNK))
+                                if self.state[idx] == 0 and self._alive():  # a read may have
+                                    await self._fetch(idx)  # copied it meanwhile
+                                self._claimed.discard(idx)
+                                idx = None
+                                if self._alive() and not \
+                                        self.store.lanes.outranked(self._priority()):
+                                    idx = self._claim()
+                    finally:
+                        if idx is not None:
+                            self._claimed.discard(idx)
+        finally:
+            self._lane_scopes.discard(scope)
+
     async def fill(self) -> None:
         try:
             async with self.store.promote_limiter:
-                for idx in range(len(self.state)):
-                    if not self._alive():
-                        break
-                    if self.state[idx] == 0:
-                        await self.store.pace(self, min(CHUNK, self.size - idx * CHUNK))
-                    if self.state[idx] == 0 and self._alive():
-                        await self._fetch(idx)
-                    elif self.state[idx] == 1:
-                        await self.fetched[idx].wait()
+                async with trio.open_nursery() as lanes:
+                    for _ in range(min(LANES, len(self.state))):
+                        lanes.start_soon(self._lane)
+                for idx in range(len(self.state)):  # what demand reads still copy
+                    while self._alive() and self.state[idx] != 2:
+                        if self.state[idx] == 1:
+                            await self.fetched[idx].wait()
+                        else:
+                            await self._fetch(idx)
                 if self._alive():
                     self.committing = True
                     self.copy_stat = await self.store.cold_call(
@@ -423,11 +524,15 @@ class Store:
         self.io_limiter = trio.CapacityLimiter(io_threads)  # the cold tier's threads
         self.fast_limiter = trio.CapacityLimiter(2)  # hashing fast copies
         self.promote_limiter = trio.CapacityLimiter(max_promotions)
+        self.lanes = Lanes(LANES)  # the fillers' cold reads at once
         self.stats = Stats()
         self._pacer = Pacer(prefetch_rate) if prefetch_rate else None
         # The files the prefetcher's latest plan stages: a demand promotion
         # does not evict them (they are expected sooner than a file read now).
         self.expected: Container[str] = frozenset()
+        # Called before a promotion is decided: the prefetcher plans for the
+        # latest open if it has not yet (the forecast ranks admissions).
+        self.plan_pending: Callable[[], None] = lambda: None
         # Called (as a task) with (rel, version) when a prefetched copy commits.
         self.on_staged: Callable[[str, Version], Awaitable[None]] | None = None
         self.entries: dict[str, Entry] = {rel: Entry(rec) for rel, rec in meta.records.items()}
@@ -1127,6 +1232,8 @@ class Store:
             return not (e.record.pinned or prefetch and e.handles
                         or self._held(e) is not None)
 
+        if judge:
+            self.plan_pending()
         victims, why = self.core.room(rel, size, evictable, protect, judge, ahead=prefetch)
         if why is not None:
             log.debug("%s read from the cold tier without a copy: %s", rel, why)
