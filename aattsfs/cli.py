@@ -398,15 +398,23 @@ def _act(paths, name: bytes, value: bytes, verb: str):
             try:
                 os.setxattr(path, name, value)
             except OSError as exc:
-                if exc.errno == errno.ENOSPC:
-                    raise UserError(f"cannot {verb} {path}: it does not fit in the fast tier "
-                                    "next to pinned files and copies passthrough opens "
-                                    "hold; unpin some, close files or raise --fast-size") \
-                        from None
-                raise UserError(f"cannot {verb} {path}: {exc.strerror}") from None
+                why = WHY_NOT_FAST.get(exc.errno, exc.strerror)
+                raise UserError(f"cannot {verb} {path}: {why}") from None
             if bar is not None:
                 bar.update(size)
     click.echo(f"{verb}: {len(files)} file(s), {format_size(sum(n for _, n in files))}")
+
+
+# What the daemon's errors of warm and pin mean (Store.warm), and what to do.
+WHY_NOT_FAST = {
+    errno.EFBIG: "it does not fit in the fast tier: it is larger than the whole budget; "
+                 "raise --fast-size",
+    errno.EDQUOT: "it does not fit in the fast tier next to pinned files and copies "
+                  "passthrough opens hold; unpin some, close files or raise --fast-size",
+    errno.ENOSPC: "the fast tier's filesystem is full or failing; free space there or "
+                  "lower --fast-size (see the daemon's log)",
+    errno.EBUSY: "the file kept changing (or being evicted) while it was copied; try again",
+}
 
 
 ACTIONS = [  # (command, xattr, value, help)

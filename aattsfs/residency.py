@@ -102,6 +102,13 @@ class Residency:
         self.used -= size
         assert self.used >= 0, "fast-tier accounting went negative"
 
+    def abandon(self, key: Key, reserved: int = 0) -> None:
+        """key will not come in after all (its copy failed or was cancelled):
+        return what was reserved for it and take it off probation."""
+        if reserved:
+            self.release(reserved)
+        self.admission.left(key)
+
     def commit(self, key: Key, size: int) -> None:
         """A copy of key, reserved before, is in place."""
         self.resident[key] = size

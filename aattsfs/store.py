@@ -45,7 +45,7 @@ import trio
 
 from .metadata import FileRecord, MetaStore
 from .procs import Stream, stream_of
-from .residency import Residency
+from .residency import TOO_BIG, Residency
 from .tiers import (ColdTier, FastTier, SharedFd, digest_of, new_digest, same_copy,
                     version_of)
 from .watch import ColdWatch
@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 CHUNK = 4 << 20
 LANES = 2  # chunk copies the fillers run at once, the most urgent file first
 FLUSH_INTERVAL = 1.0
+WARM_WAITS = 64  # promotions warm waits to end, for their room, before it gives up
 EVENT_BUFFER = 10_000  # access events waiting for the prefetcher; more are dropped
 MAX_RANGES = 256  # read ranges recorded per open; the rest are counted, not listed
 
@@ -537,6 +538,7 @@ class Store:
         self.on_staged: Callable[[str, Version], Awaitable[None]] | None = None
         self.entries: dict[str, Entry] = {rel: Entry(rec) for rel, rec in meta.records.items()}
         self._nursery: trio.Nursery | None = None
+        self._promotion_end = trio.Event()  # set (and replaced) as each promotion ends
         self._dirty: set[str] = set()
         self._events: list[dict] = []  # trace events not yet in LMDB
         self._writing: list[dict] = []  # events a flush thread is writing now
@@ -587,9 +589,7 @@ class Store:
             if e.fast_bytes:
                 core.adopt(rel, e.fast_bytes)
         if core.free < 0:  # the budget shrank since last time
-            for rel in core.shrink_to_budget(lambda rel: not self.entries[rel].record.pinned):
-                self._drop_fast(rel)
-                self.stats.evictions += 1
+            self._shrink()
             if core.free < 0:
                 log.warning("pinned files hold %d bytes, more than the budget of %d; "
                             "unpin some or raise --fast-size", core.used, core.budget)
@@ -995,9 +995,13 @@ class Store:
             return None
         return fd
 
-    def _copy_damaged(self, rel: str) -> None:
-        log.warning("the fast copy of %s was changed behind aattsfs's back; dropped, "
-                    "never served", rel)
+    def _copy_damaged(self, rel: str, exc: OSError | None = None) -> None:
+        if exc is None:
+            log.warning("the fast copy of %s was changed behind aattsfs's back; dropped, "
+                        "never served", rel)
+        else:
+            log.warning("reading the fast copy of %s failed (%s); dropped, read from the "
+                        "cold tier", rel, exc.strerror)
         self.stats.copies_corrupt += 1
         self._drop_fast(rel, damaged=True)
 
@@ -1055,24 +1059,30 @@ class Store:
         """The bytes, and whether they came without waiting for the cold tier."""
         while True:
             if h.fast_fd is not None:
-                data = os.pread(h.fast_fd, size, off)
-                # Read, then check: a write to the copy before or during the
-                # read has moved its ctime by now (docs/reliability.md).
-                if same_copy(os.fstat(h.fast_fd), h.entry.copy_stat):
-                    return data, True
-                self._copy_damaged(h.rel)
+                try:
+                    data = os.pread(h.fast_fd, size, off)
+                    # Read, then check: a write to the copy before or during
+                    # the read has moved its ctime by now (docs/reliability.md).
+                    if same_copy(os.fstat(h.fast_fd), h.entry.copy_stat):
+                        return data, True
+                    self._copy_damaged(h.rel)
+                except OSError as exc:  # a failing fast disk: the cold file has the bytes
+                    self._copy_damaged(h.rel, exc)
                 continue
             if not h.tried_promotion and not _active(h.entry.prom) and h.version[0] > 0:
                 h.tried_promotion = True
-                if self._start_promotion(h.rel, h.entry, h.version, h.cold_fd,
-                                         self.expected) is None:
-                    self.stats.bypasses += 1
-                    self.stats.bypassed_bytes += h.version[0]
+                self._start_promotion(h.rel, h.entry, h.version, h.cold_fd, self.expected)
             if h.prom is not None:
                 prom = h.prom
                 usable, waited = await prom.ensure(off, size)
                 if usable:
-                    return os.pread(prom.tmp_fd.fd, size, off), not waited
+                    try:
+                        return os.pread(prom.tmp_fd.fd, size, off), not waited
+                    except OSError as exc:  # the copy is failing: stop it, read cold
+                        prom._failed(exc)
+                        prom.cancel()
+                        h.prom = None
+                        continue
                 if h.prom is prom:  # ended without moving this handle
                     h.prom = None
                 continue
@@ -1134,18 +1144,45 @@ class Store:
                          judge: bool = True) -> Promotion | None:
         """Begin promoting rel (the file open as `cold_fd`) if its whole size
         fits the budget and (if `judge`) the residency core admits it at the
-        price of what it evicts; attach every open handle of this version of
-        the file to the promotion. None: rel is read from the cold tier."""
-        size = version[0]
+        price of what it evicts. None: rel is read from the cold tier."""
         if e.fast_bytes or _active(e.prom):
             return e.prom
-        if self._nursery is None or not self._make_room(rel, size, protect, prefetch, judge):
+        if self._nursery is None:
+            return None
+        victims, why = self._room(rel, version[0], protect, prefetch, judge)
+        if why is not None:
+            if judge and not prefetch:
+                self.stats.bypasses += 1
+                self.stats.bypassed_bytes += version[0]
             return None
         try:
-            tmp_path, tmp_fd = self.fast.create_temp()
+            return self._begin(rel, e, version, cold_fd, victims, prefetch)
         except OSError:
-            self.core.release(size)
+            return None  # logged and counted
+
+    def _begin(self, rel: str, e: Entry, version: Version, cold_fd: SharedFd,
+               victims: list[str], prefetch: bool) -> Promotion:
+        """Promote rel in place of `victims` (what `_room` chose, with no
+        await since): the temporary copy first, so that a fast tier that
+        cannot take one (full, failing, its directory gone) costs no copy
+        already there; then the victims go, the room is reserved and every
+        open handle of this version of the file follows the promotion."""
+        size = version[0]
+        try:
+            tmp_path, tmp_fd = self.fast.create_temp()
+        except OSError as exc:
+            self.core.abandon(rel)
+            self.stats.promotions_failed += 1
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self.stats.promotions_nospace += 1
+            log.warning("cannot promote %s: no temporary copy in the fast tier (%s); "
+                        "read from the cold tier", rel, exc.strerror)
             raise
+        for other in victims:
+            self._drop_fast(other)
+            self.stats.evictions += 1
+        reserved = self.core.reserve(size)
+        assert reserved, "the room _room found went away without an await"
         cold_fd.hold()  # the promotion's own reference, dropped when it ends
         prom = e.prom = Promotion(self, rel, version, cold_fd, tmp_path, SharedFd(tmp_fd),
                                   prefetch)
@@ -1196,7 +1233,7 @@ class Store:
             if prom.prefetch and self.on_staged is not None and not prom.cancelled:
                 self._nursery.start_soon(self.on_staged, prom.rel, prom.version)
         else:
-            self.core.release(prom.size)
+            self.core.abandon(prom.rel, prom.size)
             self._unused_prefetch(e)
             if prom.failed:
                 self.stats.promotions_failed += 1
@@ -1218,14 +1255,16 @@ class Store:
             # copy is in place and counted; drop it the ordinary way.
             self._drop_fast(prom.rel)
         prom.done.set()
+        self._promotion_end.set()
+        self._promotion_end = trio.Event()
 
-    def _make_room(self, rel: str, size: int, protect: Container[str], prefetch: bool,
-                   judge: bool) -> bool:
-        """Reserve `size` bytes for rel, evicting in policy order: pinned
-        files, files in `protect`, files open right now if `prefetch`,
-        copies passthrough opens hold and promotions in flight are never
-        evicted. False, with nothing evicted, if that cannot make room or
-        (if `judge`) the core does not admit rel at that price."""
+    def _room(self, rel: str, size: int, protect: Container[str], prefetch: bool,
+              judge: bool) -> tuple[list[str], str | None]:
+        """The files to evict, in policy order, for rel to come in: never
+        pinned files, files in `protect`, files open right now if
+        `prefetch`, copies passthrough opens hold or promotions in flight.
+        Or ([], why not): too big, no room, or (if `judge`) not admitted at
+        that price. Nothing changes here."""
         def evictable(other: str) -> bool:
             e = self.entries[other]
             # a copy passthrough opens hold would free nothing until they close
@@ -1237,11 +1276,7 @@ class Store:
         victims, why = self.core.room(rel, size, evictable, protect, judge, ahead=prefetch)
         if why is not None:
             log.debug("%s read from the cold tier without a copy: %s", rel, why)
-            return False
-        for other in victims:
-            self._drop_fast(other)
-            self.stats.evictions += 1
-        return self.core.reserve(size)
+        return victims, why
 
     def _drop_fast(self, rel: str, damaged: bool = False) -> None:
         """Remove rel's fast copy (`damaged`: it no longer holds the cold
@@ -1281,25 +1316,42 @@ class Store:
 
     async def warm(self, rel: str, attempts: int = 3) -> None:
         """Promote rel and wait until it is in the fast tier. Raises OSError:
-        ENOSPC if it cannot fit next to pinned files or the fast tier's
-        filesystem is full, EIO if reading the cold file failed, EBUSY if
-        every attempt was cancelled (the file changed, or was evicted again
-        while being promoted)."""
-        for _ in range(attempts):
+        EFBIG if it is larger than the budget; EDQUOT if it does not fit
+        next to pinned files and copies passthrough opens hold (after
+        waiting for the promotions in flight, whose room may come free);
+        ENOSPC if the fast tier's filesystem is full, or another error of
+        it; EIO if reading the cold file failed; EBUSY if every attempt was
+        cancelled (the file changed, or was evicted again meanwhile)."""
+        waits = WARM_WAITS
+        while attempts:
             cold_fd, e, version = await self._open_cold(rel)
             try:
                 if e.fast_bytes or version[0] == 0:
                     return  # a copy found at start is being verified
-                prom = self._start_promotion(rel, e, version, cold_fd, judge=False)
+                why = None
+                prom = e.prom if _active(e.prom) else None
+                if prom is None and self._nursery is not None:
+                    victims, why = self._room(rel, version[0], frozenset(), False, judge=False)
+                    if why is None:
+                        prom = self._begin(rel, e, version, cold_fd, victims, False)
             finally:
                 cold_fd.close()
+            if why == TOO_BIG:
+                raise OSError(errno.EFBIG, "larger than the fast tier's budget")
             if prom is None:
-                raise OSError(errno.ENOSPC, "does not fit in the fast tier")
+                if waits and any(_active(o.prom) for o in self.entries.values()):
+                    waits -= 1  # their reservations may free room: the budget,
+                    await self._promotion_end.wait()  # not the file, is in use
+                    continue
+                raise OSError(errno.EDQUOT, "no room next to pinned and held copies")
             await prom.done.wait()
             if prom.nospace:
                 raise OSError(errno.ENOSPC, "the fast tier's filesystem is full")
             if prom.failed:
                 raise OSError(errno.EIO, "reading the cold file failed")
+            if prom.committed and not prom.cancelled:
+                return
+            attempts -= 1
         raise OSError(errno.EBUSY, "cancelled while being promoted")
 
     def evict(self, rel: str) -> None:
@@ -1325,3 +1377,14 @@ class Store:
             except BaseException:
                 e.record.pinned = was
                 raise
+        elif self.core.free < 0:
+            self._shrink()  # pins kept copies past a budget lowered since
+
+    def _shrink(self) -> None:
+        """Evict, in policy order, until the copies fit the budget again or
+        only pinned (and held) ones are left."""
+        for rel in self.core.shrink_to_budget(
+                lambda rel: not (self.entries[rel].record.pinned
+                                 or self._held(self.entries[rel]) is not None)):
+            self._drop_fast(rel)
+            self.stats.evictions += 1

@@ -403,7 +403,12 @@ class FastTier:
 
     def create_temp(self) -> tuple[str, int]:
         path = os.path.join(self.tmp, uuid.uuid4().hex + ".part")
-        return path, os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            return path, os.open(path, flags, 0o600)
+        except FileNotFoundError:  # someone removed the directory of partial copies
+            os.makedirs(self.tmp, mode=0o700, exist_ok=True)
+            return path, os.open(path, flags, 0o600)
 
     def commit(self, tmp_path: str, fd: int, rel: str, version: tuple[int, int, int, int],
                digest: str) -> os.stat_result:

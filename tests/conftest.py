@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 import threading
 import time
 from pathlib import Path
@@ -205,6 +206,47 @@ def fast_tmpfs(tmp_path):
                         str(path)], check=True)
 
     yield from _mounts(tmp_path / "fast-tmpfs", mount)
+
+
+@dataclass
+class LoopFs:
+    path: Path  # where the ext4 filesystem is mounted
+    dev: str  # its loop device
+    image: Path  # the file behind the loop device
+
+    def fail_reads(self) -> None:
+        """Make the device fail every read past its first MiB with EIO, as a
+        dying disk does: the image shrinks under the loop device."""
+        os.truncate(self.image, MiB)
+        subprocess.run(["losetup", "-c", self.dev], check=True)
+
+
+@pytest.fixture
+def loop_ext4(tmp_path):
+    """make(size) -> a LoopFs: an ext4 filesystem of its own on a loop
+    device; unmounted (lazily) and detached when the fixture ends, even if
+    the test failed (request it before `mounter`)."""
+    made: list[LoopFs] = []
+
+    def make(size: int) -> LoopFs:
+        n = len(made)
+        image, path = tmp_path / f"ext4-{n}.img", tmp_path / f"ext4-{n}"
+        with open(image, "wb") as f:
+            f.truncate(size)
+        subprocess.run(["mkfs.ext4", "-q", str(image)], check=True)
+        dev = subprocess.run(["losetup", "--find", "--show", str(image)], check=True,
+                             capture_output=True, text=True).stdout.strip()
+        made.append(fs := LoopFs(path, dev, image))
+        path.mkdir()
+        subprocess.run(["mount", dev, str(path)], check=True)
+        return fs
+
+    try:
+        yield make
+    finally:
+        for fs in reversed(made):
+            subprocess.run(["umount", "-l", str(fs.path)], capture_output=True)
+            subprocess.run(["losetup", "-d", fs.dev], check=True)
 
 
 @pytest.fixture

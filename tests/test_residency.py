@@ -65,6 +65,24 @@ def test_newcomers_come_in_on_probation_and_push_out_newcomers_first():
     assert bring_in(core, "n3", 10) == ([1], None)
 
 
+def test_a_newcomer_whose_copy_failed_leaves_the_probation_share():
+    core = Residency(100, LRUPolicy(), ReuseAdmission(100))
+    for i in range(10):
+        core.opened(i, 10)
+        bring_in(core, i, 10)
+        core.opened(i, 10)
+    core.opened("n1", 10)
+    assert core.room("n1", 10) == ([0], None)  # on probation, room reserved for it
+    core.release(core.drop(0))
+    assert core.reserve(10)
+    core.abandon("n1", 10)  # its copy failed: the share is free again
+    assert core.used == 90
+    core.opened("n2", 10)
+    assert core.room("n2", 10) == ([], None)  # free room
+    core.opened("n3", 10)
+    assert bring_in(core, "n3", 10)[1] is None  # n2 took nothing: probation not full
+
+
 def test_a_loop_longer_than_the_budget_keeps_what_min_keeps():
     trace = [Request(k, 1) for k in "abcdef" * 10]
     lru = simulate(trace, 3, LRUPolicy(), admission=AdmitAll())

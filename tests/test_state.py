@@ -322,30 +322,19 @@ def test_trace_ring_stays_bounded_whatever_its_keys(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def freezable_dir(tmp_path):
+def freezable_dir(loop_ext4):
     """(directory, freeze, thaw): an ext4 filesystem of its own on a loop
     device, whose writes block while it is frozen (fsfreeze), as on a disk
-    that stops answering. Thawed, unmounted and detached afterwards."""
-    image, path = tmp_path / "ext4.img", tmp_path / "frozen"
-    with open(image, "wb") as f:
-        f.truncate(64 << 20)
-    subprocess.run(["mkfs.ext4", "-q", str(image)], check=True)
-    dev = subprocess.run(["losetup", "--find", "--show", str(image)], check=True,
-                         capture_output=True, text=True).stdout.strip()
-    path.mkdir()
+    that stops answering. Thawed before it is unmounted and detached."""
+    path = loop_ext4(64 << 20).path
 
     def thaw():
         subprocess.run(["fsfreeze", "-u", str(path)], capture_output=True)
 
     try:
-        subprocess.run(["mount", dev, str(path)], check=True)
-        try:
-            yield path, lambda: subprocess.run(["fsfreeze", "-f", str(path)], check=True), thaw
-        finally:
-            thaw()
-            subprocess.run(["umount", "-l", str(path)], check=True)
+        yield path, lambda: subprocess.run(["fsfreeze", "-f", str(path)], check=True), thaw
     finally:
-        subprocess.run(["losetup", "-d", dev], check=True)
+        thaw()
 
 
 def test_a_metadata_disk_that_hangs_does_not_stop_reads(cold_tree, mounter, freezable_dir):

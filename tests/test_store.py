@@ -2,12 +2,15 @@
 mount: what depends on the order of events is driven step by step here
 instead of by timing."""
 
+import errno
 import os
+import shutil
 
+import pytest
 import trio
 
 from aattsfs.metadata import MetaStore
-from aattsfs.policy import AdmitAll, LRUPolicy
+from aattsfs.policy import AdmitAll, LRUPolicy, ReuseAdmission
 from aattsfs.residency import Residency
 from aattsfs.store import CHUNK, Lanes, Promotion, Store
 from aattsfs.tiers import ColdTier, FastTier
@@ -38,11 +41,48 @@ def test_lanes_go_to_the_most_urgent_waiter():
     assert granted == ["soon", "late"]
 
 
-def make_store(tmp_path, budget: int) -> Store:
+def make_store(tmp_path, budget: int, admission=None) -> Store:
     cold = ColdTier(str(tmp_path / "cold"))
     fast = FastTier(str(tmp_path / "fast"), {"cold": str(tmp_path / "cold")})
     meta = MetaStore(str(tmp_path / "lmdb"))
-    return Store(cold, fast, meta, Residency(budget, LRUPolicy(), AdmitAll()))
+    return Store(cold, fast, meta, Residency(budget, LRUPolicy(), admission or AdmitAll()))
+
+
+def close_store(store: Store) -> None:
+    store.flush()
+    store.meta.close()
+    store.fast.close()
+
+
+def cold_files(tmp_path, **sizes) -> dict[str, bytes]:
+    (tmp_path / "cold").mkdir()
+    want = {}
+    for name, size in sizes.items():
+        want[name] = os.urandom(size)
+        (tmp_path / "cold" / name).write_bytes(want[name])
+    return want
+
+
+def running(store: Store, body) -> None:
+    """trio.run(body()) with the store's background tasks running."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            await body()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+async def read_whole(store: Store, rel: str) -> bytes:
+    h = await store.open(rel)
+    try:
+        out = b""
+        while chunk := await store.read(h, len(out), CHUNK):
+            out += chunk
+        return out
+    finally:
+        store.release(h)
 
 
 def test_staged_files_arrive_in_the_order_they_are_needed(tmp_path, monkeypatch):
@@ -76,3 +116,147 @@ def test_staged_files_arrive_in_the_order_they_are_needed(tmp_path, monkeypatch)
         with open(store.fast.path(name), "rb") as f:
             assert f.read() == (tmp_path / "cold" / name).read_bytes()
     assert store.core.used == 6 * CHUNK
+
+
+@pytest.mark.parametrize("damage", ["removed", "replaced by a file"])
+def test_a_fast_tier_that_cannot_take_a_copy_costs_no_resident_one(tmp_path, damage):
+    """The directory of partial copies goes away (recreated) or cannot be
+    used (the read is served cold): either way the copy already there
+    stays, and the budget and probation are as before."""
+    want = cold_files(tmp_path, a=CHUNK, b=CHUNK)
+    store = make_store(tmp_path, CHUNK + CHUNK // 2, ReuseAdmission(CHUNK + CHUNK // 2))
+    admission = store.core.admission
+
+    async def body():
+        await store.warm("a")
+        shutil.rmtree(store.fast.tmp)
+        if damage != "removed":
+            open(store.fast.tmp, "w").close()
+        for _ in range(2):  # b twice: proven, it is admitted in place of a
+            assert await read_whole(store, "b") == want["b"]
+            while any(e.prom for e in store.entries.values()):
+                await trio.sleep(0.01)
+
+    running(store, body)
+    if damage == "removed":
+        assert store.tier("b") == "fast" and store.tier("a") == "cold"
+        assert store.stats.promotions_failed == 0
+    else:
+        assert store.tier("a") == "fast" and store.tier("b") == "cold"
+        # the first read of b was not admitted (a newcomer beyond probation),
+        # the second would have evicted a
+        assert store.stats.bypasses == 1
+        assert store.stats.promotions_failed == 1 and store.stats.promotions_nospace == 0
+        assert store.stats.evictions == 0
+    assert store.core.used == CHUNK
+    assert admission._probation_bytes == 0
+    close_store(store)
+
+
+def test_a_cancelled_promotion_leaves_no_probation_behind(tmp_path, monkeypatch):
+    want = cold_files(tmp_path, a=CHUNK, b=2 * CHUNK)
+    budget = 4 * CHUNK
+    store = make_store(tmp_path, budget, ReuseAdmission(budget))
+    gate = trio.Event()
+    real_fetch = Promotion._fetch
+
+    async def fetch(self, idx):
+        if self.rel == "a":
+            await gate.wait()
+        await real_fetch(self, idx)
+
+    monkeypatch.setattr(Promotion, "_fetch", fetch)
+    got = []
+
+    async def body():
+        await store.warm("b")
+        h = await store.open("a")
+
+        async def read():
+            got.append(await store.read(h, 0, CHUNK))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)  # a newcomer: comes in on probation
+            while (prom := store.entries["a"].prom) is None:
+                await trio.sleep(0.01)
+            assert store.core.admission._probation_bytes == CHUNK
+            store.evict("a")  # cancelled before a byte came
+            gate.set()
+        store.release(h)
+        await prom.done.wait()
+
+    running(store, body)
+    assert got == [want["a"]]
+    assert store.stats.promotions_cancelled == 1
+    assert store.core.admission._probation_bytes == 0
+    assert store.core.used == 2 * CHUNK
+    close_store(store)
+
+
+def test_unpinning_after_the_budget_shrank_gets_back_within_it(tmp_path, caplog):
+    cold_files(tmp_path, **{f"p{i}": CHUNK for i in range(4)})
+    store = make_store(tmp_path, 8 * CHUNK)
+
+    async def pin_all():
+        for i in range(4):
+            await store.set_pinned(f"p{i}", True)
+
+    running(store, pin_all)
+    close_store(store)
+    store = make_store(tmp_path, 2 * CHUNK)  # restarted with a quarter of the budget
+    store.recover()
+    assert store.core.used == 4 * CHUNK  # pins are kept past the budget, and said so
+    assert "pinned files hold" in caplog.text
+
+    async def unpin_all():
+        for i in range(4):
+            await store.set_pinned(f"p{i}", False)
+            assert store.core.used <= max(2 * CHUNK, (3 - i) * CHUNK)
+
+    running(store, unpin_all)
+    assert store.core.used == 2 * CHUNK
+    assert sum(store.tier(f"p{i}") in ("fast", "verifying") for i in range(4)) == 2
+    close_store(store)
+
+
+def test_warm_waits_for_the_room_promotions_in_flight_hold(tmp_path, monkeypatch):
+    """a's promotion holds most of the budget: warm b waits for it to end
+    (then evicts it) instead of answering that b does not fit; a file
+    larger than the whole budget is refused at once, as such."""
+    want = cold_files(tmp_path, a=2 * CHUNK, b=2 * CHUNK, huge=4 * CHUNK)
+    store = make_store(tmp_path, 3 * CHUNK)
+    gate = trio.Event()
+    real_fetch = Promotion._fetch
+
+    async def fetch(self, idx):
+        if self.rel == "a":
+            await gate.wait()
+        await real_fetch(self, idx)
+
+    monkeypatch.setattr(Promotion, "_fetch", fetch)
+    order = []
+
+    async def body():
+        prom = await store.prefetch("a", frozenset())
+        assert prom is not None
+        with pytest.raises(OSError) as exc:
+            await store.warm("huge")
+        assert exc.value.errno == errno.EFBIG
+
+        async def warm_b():
+            await store.warm("b")
+            order.append("b warm")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(warm_b)
+            await trio.sleep(0.05)
+            order.append("a released")
+            gate.set()
+
+    running(store, body)
+    assert order == ["a released", "b warm"]
+    assert store.tier("b") == "fast"
+    with open(store.fast.path("b"), "rb") as f:
+        assert f.read() == want["b"]
+    assert store.core.used <= 3 * CHUNK
+    close_store(store)
