@@ -80,6 +80,7 @@ bench-quick: bench-deps
 bench: bench-deps
 	$(PY) bench/suite.py --throttle $(THROTTLE)
 	$(PY) bench/budgets.py --throttle $(THROTTLE)
+	$(PY) bench/walk_latency.py
 	$(PY) bench/ls_xattr.py --reps 5
 	$(PY) bench/sim_table.py
 	$(PY) bench/page_cache_push.py --reps 5

@@ -29,7 +29,7 @@ import statistics
 import time
 from pathlib import Path
 
-from benchenv import REPO, WORK
+from benchenv import WORK
 
 import datasets
 import harness
@@ -147,6 +147,10 @@ def main() -> None:
                 b.rows = [dict(r, phase="request p50") for r in b.rows]
             rows += [r for r in b.rows if r["phase"] in
                      ("cold", "fast-tier warm", "all warm", "request p50")]
+            publish(args, meta, rows, fractions)  # after each workload: a later failure keeps it
+
+
+def publish(args, meta: dict, rows: list[dict], fractions: list[float]) -> None:
     runs = "; ".join(f"{w}: working set {r['working_set_mib']} MiB, {r['minutes']} min"
                      + (f", {len(r['failures'])} failed loads" if r["failures"] else "")
                      for w, r in meta["runs"].items())
@@ -155,8 +159,6 @@ def main() -> None:
                "same run; over 1.02x is marked.\n\nReproduce: `.venv/bin/python "
                "bench/budgets.py` (as root; `make bench` runs it).\n\n"
                + table(rows, fractions))
-    with contextlib.suppress(OSError):
-        (REPO / "bench" / "results").mkdir(exist_ok=True)
     harness.publish("budgets", {"meta": meta, "rows": rows}, section)
 
 

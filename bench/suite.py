@@ -204,7 +204,7 @@ def rotation(b: Bench, dataset: str, models: int, measured: int) -> dict:
             else:
                 now = t.served()
                 fast, cold = (now[k] - served[k] for k in ("fast", "cold"))
-                hits[t.name] = fast / (fast + cold)
+                hits[t.name] = fast / (fast + cold) if fast + cold else 0.0
     return {"budget_mib": budget / MiB, "model_mib": statistics.mean(sizes) / MiB,
             "warmup": warmup, "sequence": sequence, "cold_read_share": shares,
             "hit_ratio": hits}
