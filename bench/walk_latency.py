@@ -23,13 +23,13 @@ import random
 import shutil
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from benchenv import WORK
 
 import harness
+import peers
 from slowcold import SlowCold
 
 BLOCK = 4096
@@ -80,49 +80,7 @@ def p99(xs: list[float]) -> float:
     return statistics.quantiles(xs, n=100)[98]
 
 
-class Mount:
-    def __init__(self, slow: SlowCold, name: str, options: list[str]) -> None:
-        tag = name.replace(" ", "-")
-        self.slow, self.options = slow, options
-        self.mnt = WORK / f"walk-mnt-{tag}"
-        self.fast = Path(f"/dev/shm/aattsfs-walk-fast-{tag}")
-        self.state = WORK / f"walk-state-{tag}"
-        self.log = WORK / f"walk-{tag}.log"
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> "Mount":
-        for d in (self.fast, self.state):
-            shutil.rmtree(d, ignore_errors=True)
-        self.mnt.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "aattsfs", "mount", "-f", str(self.slow.mnt / "tree"),
-               str(self.mnt), "--fast-dir", str(self.fast), "--fast-size", "256M",
-               "--state-dir", str(self.state), "--no-prefetch", *self.options]
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(self.slow.wrap(cmd), stdout=out, stderr=out,
-                                         stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while not (self.mnt / ".aatts" / "stats").exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"bench: the mount did not come up; see {self.log}")
-            time.sleep(0.05)
-        harness.cli("warm", str(self.mnt / "hot.bin"))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if os.path.ismount(self.mnt):
-            if subprocess.run(["fusermount3", "-u", str(self.mnt)],
-                              capture_output=True).returncode:
-                subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        shutil.rmtree(self.fast, ignore_errors=True)
-
-
-def measure(m: Mount, walk: int, want: bytes, rep: int) -> dict:
+def measure(mnt: Path, walk: int, want: bytes, rep: int) -> dict:
     """One run: the probe alone and during a walk of subtree `walk`, in an
     order that alternates with `rep`; the page cache (and the cold tier's
     inodes) dropped before each."""
@@ -131,12 +89,12 @@ def measure(m: Mount, walk: int, want: bytes, rep: int) -> dict:
     for phase in (("alone", "walk") if rep % 2 == 0 else ("walk", "alone")):
         harness.drop_caches()
         if phase == "alone":
-            result["alone"] = probe(m.mnt / "hot.bin", want, rng)
+            result["alone"] = probe(mnt / "hot.bin", want, rng)
             continue
         t0 = time.monotonic()
-        walker = subprocess.Popen(["ls", "-lR", str(m.mnt / f"walk{walk}")],
+        walker = subprocess.Popen(["ls", "-lR", str(mnt / f"walk{walk}")],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        result["walk"] = probe(m.mnt / "hot.bin", want, rng,
+        result["walk"] = probe(mnt / "hot.bin", want, rng,
                                until=lambda: walker.poll() is None)
         walker.wait()
         result["walk_seconds"] = time.monotonic() - t0
@@ -162,10 +120,14 @@ def main() -> None:
         want = (slow.mnt / "tree" / "hot.bin").read_bytes()
         walk = 0
         for name, options in MODES.items():
-            with Mount(slow, name, options) as m:
-                pt = harness.stats(m.mnt)["passthrough"]["active"]
+            target = peers.Aattsfs(slow.mnt / "tree", slow.wrap, "walk-" + name.replace(" ", "-"),
+                                   ["--no-prefetch", *options])
+            try:
+                mnt = target.start(256 << 20)
+                harness.cli("warm", str(mnt / "hot.bin"))
+                pt = harness.stats(mnt)["passthrough"]["active"]
                 for rep in range(args.reps):
-                    r = measure(m, walk, want, rep)
+                    r = measure(mnt, walk, want, rep)
                     walk += 1
                     rows.append({"mount": name, "passthrough": pt, "rep": rep,
                                  "p99_alone": p99(r["alone"]), "p99_walk": p99(r["walk"]),
@@ -175,6 +137,8 @@ def main() -> None:
                           f"{rows[-1]['p99_walk'] * 1e6:.0f} us during a "
                           f"{r['walk_seconds']:.1f} s walk ({len(r['walk'])} reads)",
                           flush=True)
+            finally:
+                target.finish()
     out = ["| mount | p99 alone (µs) | p99 during the walk (µs) | ratio (median, min–max) "
            "| reads during the walk | walk (s) |", "|---|---:|---:|---:|---:|---:|"]
     for name in MODES:

@@ -74,6 +74,20 @@ def running(store: Store, body) -> None:
     trio.run(main)
 
 
+def hold_chunks_of(rel: str, monkeypatch) -> trio.Event:
+    """Promotions of rel copy no chunk until the event returned is set."""
+    gate = trio.Event()
+    real_fetch = Promotion._fetch
+
+    async def fetch(self, idx):
+        if self.rel == rel:
+            await gate.wait()
+        await real_fetch(self, idx)
+
+    monkeypatch.setattr(Promotion, "_fetch", fetch)
+    return gate
+
+
 async def read_whole(store: Store, rel: str) -> bytes:
     h = await store.open(rel)
     try:
@@ -157,15 +171,7 @@ def test_a_cancelled_promotion_leaves_no_probation_behind(tmp_path, monkeypatch)
     want = cold_files(tmp_path, a=CHUNK, b=2 * CHUNK)
     budget = 4 * CHUNK
     store = make_store(tmp_path, budget, ReuseAdmission(budget))
-    gate = trio.Event()
-    real_fetch = Promotion._fetch
-
-    async def fetch(self, idx):
-        if self.rel == "a":
-            await gate.wait()
-        await real_fetch(self, idx)
-
-    monkeypatch.setattr(Promotion, "_fetch", fetch)
+    gate = hold_chunks_of("a", monkeypatch)
     got = []
 
     async def body():
@@ -225,15 +231,7 @@ def test_warm_waits_for_the_room_promotions_in_flight_hold(tmp_path, monkeypatch
     larger than the whole budget is refused at once, as such."""
     want = cold_files(tmp_path, a=2 * CHUNK, b=2 * CHUNK, huge=4 * CHUNK)
     store = make_store(tmp_path, 3 * CHUNK)
-    gate = trio.Event()
-    real_fetch = Promotion._fetch
-
-    async def fetch(self, idx):
-        if self.rel == "a":
-            await gate.wait()
-        await real_fetch(self, idx)
-
-    monkeypatch.setattr(Promotion, "_fetch", fetch)
+    gate = hold_chunks_of("a", monkeypatch)
     order = []
 
     async def body():
