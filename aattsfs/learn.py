@@ -73,12 +73,6 @@ class Learner:
         state.pending.update((k, None) for k in hinted if k not in state.opened)
         return first
 
-    def promised(self, streams: Iterable[Stream]) -> frozenset:
-        """The files the format hints promised `streams` that they have not
-        opened yet: each will be read in this pass, however far ahead."""
-        return frozenset(k for s in streams if s in self.streams
-                         for k in self.streams[s].pending)
-
     def forecast(self, streams: Iterable[Stream], size_of: Callable[[Key], int],
                  budget: int, hints: Callable[[Key], list[Key]] = _no_hints,
                  max_steps: int = 64) -> Forecast:
@@ -172,24 +166,15 @@ def ranks(ahead: Forecast) -> dict[Key, int]:
 
 def plan(learner: Learner, streams: list[Stream], size_of: Callable[[Key], int],
          budget: int, predictive: bool, hints: Callable[[Key], list[Key]] = _no_hints,
-         also: frozenset = frozenset()
-         ) -> tuple[Forecast, list[tuple[Key, ExpectedBy]], frozenset]:
+         also: frozenset = frozenset()) -> tuple[Forecast, list[tuple[Key, ExpectedBy]]]:
     """What the prefetcher of the daemon and of the simulator plans after an
     open: the forecast for `streams` (the one that just opened first, then
-    the other live ones, most recent first), the files to stage, each with
-    the files it must not evict, and the window: the files expected within
-    the next budget's worth of opens, and every file a live loader was
-    promised by the format hints, which neither a staged file nor a demand
-    read evicts. Evicting a file needed later in the window to bring
-    in one needed sooner trades a cold read for a cold read and adds the
-    evicted file's re-read: a load larger than the tier would keep nothing
-    from one pass to the next. A predictive policy ranks evictions over a
-    longer horizon than what is staged, so that files beyond the next
-    budget's worth are told apart."""
+    the other live ones, most recent first) and the files to stage, each
+    with the files it must not evict (those expected sooner, and `also`).
+    A predictive policy ranks evictions over a longer horizon than what is
+    staged, so that files beyond the next budget's worth are told apart."""
     ahead = learner.forecast(streams, size_of, RANK_HORIZON * budget if predictive else budget,
                              hints=hints, max_steps=RANK_STEPS if predictive else 64)
     rank = ranks(ahead)
-    window = frozenset(k for k, _ in _until(ahead, size_of, budget)) | learner.promised(streams)
-    keep = also | window
-    return ahead, [(ahead[i][0], ExpectedBy(rank, i, keep))
-                   for i in staging(ahead, size_of, budget)], window
+    return ahead, [(ahead[i][0], ExpectedBy(rank, i, also))
+                   for i in staging(ahead, size_of, budget)]

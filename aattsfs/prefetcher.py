@@ -11,8 +11,7 @@ staging queue, and prefetches in flight that left it are cancelled (at
 most once per PLAN_INTERVAL: the latest open is always planned for).
 
 `jobs` workers take files from the queue and promote them, each holding
-the forecast's window (files expected within a budget's worth of opens)
-as protected from eviction (learn.plan); the
+the forecast files expected sooner than it as protected from eviction; the
 store paces their cold reads to the bandwidth cap. With prefetch off, the
 task still learns, so turning it on later starts from what was seen.
 """
@@ -166,15 +165,15 @@ class Prefetcher:
         streams = [current, *(s for s in reversed(self._live) if s != current)]
         policy = self.store.core.policy
         predictive = isinstance(policy, PredictivePolicy)
-        ahead, staged, window = plan(self.learner, streams, self._size, self.store.core.budget,
-                                     predictive, hints=lambda k: self._hinted.get(k, []))
+        ahead, staged = plan(self.learner, streams, self._size, self.store.core.budget,
+                             predictive, hints=lambda k: self._hinted.get(k, []))
         if predictive:
             policy.set_forecast([k for k, _ in ahead])
         if not self.enabled:
             return
         store = self.store
         wanted = frozenset(rel for rel, _ in staged)
-        store.expected = wanted | window
+        store.expected = wanted
         # Only files still to bring in are queued: checking a staged file
         # again would stat the cold tier, once per file per open.
         self._queue = [(rel, protect) for rel, protect in staged if store.absent(rel)]

@@ -143,8 +143,8 @@ def simulate(trace: list[Request], budget: int, policy: EvictionPolicy,
     whole file in if it fits the budget and is admitted, evicting as the
     daemon would. With a `learner`, every open also updates its forecast,
     which a predictive policy ranks evictions by and, if `prefetch`, which
-    is staged ahead of the requests. Neither a prefetch nor a demand read
-    evicts a file the forecast expects within a budget's worth of opens."""
+    is staged ahead of the requests. A prefetch never evicts a file
+    expected sooner than the one it brings in."""
     res = Result()
     core = Residency(budget, policy, admission or AdmitAll())
     prefetched: set[str] = set()
@@ -174,7 +174,6 @@ def simulate(trace: list[Request], budget: int, policy: EvictionPolicy,
         res.bytes_requested += r.size
         sizes[r.path] = r.size
         staged: list = []
-        window: frozenset = frozenset()
         if learner is not None:
             # observe first: admission judges the file's next use after this one
             learner.observe(r.stream, r.path)
@@ -183,8 +182,8 @@ def simulate(trace: list[Request], budget: int, policy: EvictionPolicy,
             if len(live) > MAX_LIVE:
                 live.popitem(last=False)
             streams = [s for s in reversed(live) if last_open[s] >= i]
-            ahead, staged, window = plan(learner, streams, sizes.__getitem__, budget,
-                                         predictive, also=frozenset([r.path]))
+            ahead, staged = plan(learner, streams, sizes.__getitem__, budget, predictive,
+                                 also=frozenset([r.path]))
             if predictive:
                 policy.set_forecast([k for k, _ in ahead])
         core.opened(r.path, r.size)
@@ -194,9 +193,8 @@ def simulate(trace: list[Request], budget: int, policy: EvictionPolicy,
             if r.path in prefetched:
                 prefetched.discard(r.path)
                 res.prefetch_used_bytes += r.size
-        # a demand read never evicts what the forecast stages or expects
-        # within the window (as in Store)
-        elif not admit(r.path, r.size, window | frozenset(k for k, _ in staged)):
+        # a demand read never evicts what the forecast stages (as in Store)
+        elif not admit(r.path, r.size, frozenset(k for k, _ in staged)):
             res.bypasses += 1
             res.bypassed_bytes += r.size
         if not prefetch:

@@ -528,8 +528,8 @@ class Store:
         self.lanes = Lanes(LANES)  # the fillers' cold reads at once
         self.stats = Stats()
         self._pacer = Pacer(prefetch_rate) if prefetch_rate else None
-        # The files the prefetcher's latest plan stages or expects within a
-        # budget's worth of opens: a demand promotion does not evict them.
+        # The files the prefetcher's latest plan stages: a demand promotion
+        # does not evict them (they are expected sooner than a file read now).
         self.expected: Container[str] = frozenset()
         # Called before a promotion is decided: the prefetcher plans for the
         # latest open if it has not yet (the forecast ranks admissions).

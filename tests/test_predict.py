@@ -160,22 +160,3 @@ def test_per_process_streams_lose_nothing_against_one_sequence():
         b = simulate(per_process, budget, make_policy(policy), Learner("markov"),
                      prefetch=prefetch)
         assert b.hit_bytes == a.hit_bytes and b.hit_bytes > 0.4 * b.bytes_requested
-
-
-def test_staging_never_evicts_what_the_window_expects_later():
-    """A second pass of a load larger than the tier: staging the next shard
-    may not push out one still resident that the same pass needs within a
-    budget's worth of opens (that would add its re-read to the staged
-    shard's cold read); beyond the window it may."""
-    from aattsfs.learn import plan
-    learner = Learner("markov")
-    shards = [f"s{i}" for i in range(1, 6)]
-    for _ in range(2):
-        for k in shards:
-            learner.observe((1, 0), k)
-    learner.observe((2, 0), "s1")  # the next pass begins
-    ahead, staged, window = plan(learner, [(2, 0)], lambda k: 10, 30, False)
-    assert [k for k, _ in ahead][:3] == ["s2", "s3", "s4"]
-    assert window == {"s2", "s3", "s4"}
-    first, protect = staged[0]
-    assert first == "s2" and "s4" in protect and "s5" not in protect
