@@ -208,7 +208,7 @@ class Promotion:
         self._scan = 0  # every chunk below is present or being copied
         self._lane_scopes: set[trio.CancelScope] = set()  # lanes' copies, stopped by cancel
 
-    def _failed(self, exc: OSError) -> None:
+    def fail(self, exc: OSError) -> None:
         self.failed = True
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             self.nospace = True
@@ -234,7 +234,7 @@ class Promotion:
                 self.digests[idx] = digest
                 self.state[idx] = 2
         except OSError as exc:
-            self._failed(exc)
+            self.fail(exc)
             self.state[idx] = 0
         finally:
             if self.state[idx] == 1:  # cancelled: the thread was abandoned
@@ -365,7 +365,7 @@ class Promotion:
                             self.store.watch.register(self.watch_wd, self.rel, is_dir=False,
                                                       ino=self.version[2])
         except OSError as exc:
-            self._failed(exc)
+            self.fail(exc)
         finally:
             self.store._promotion_ended(self)
 
@@ -489,7 +489,7 @@ class Stats:
     cold_bytes_read: int = 0
     promotions: int = 0
     promoted_bytes: int = 0
-    promotions_failed: int = 0  # the cold tier could not be read
+    promotions_failed: int = 0  # the cold file unreadable, the fast tier full or failing
     promotions_cancelled: int = 0  # evicted or changed while being promoted
     prefetches: int = 0  # promotions started by the prefetcher, before any open
     prefetched_bytes: int = 0
@@ -1079,7 +1079,7 @@ class Store:
                     try:
                         return os.pread(prom.tmp_fd.fd, size, off), not waited
                     except OSError as exc:  # the copy is failing: stop it, read cold
-                        prom._failed(exc)
+                        prom.fail(exc)
                         prom.cancel()
                         h.prom = None
                         continue

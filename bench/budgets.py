@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -99,12 +98,7 @@ def main() -> None:
     ap.add_argument("--workloads", default="1,2,3")
     ap.add_argument("--fractions", default="0.25,0.5,0.75,1.5")
     ap.add_argument("--throttle", type=int, default=200, metavar="MBPS")
-    args = ap.parse_args()
-    if os.geteuid() != 0:
-        raise SystemExit("bench: run as root (it mounts, drops the page cache and sets up a "
-                         "cgroup)")
-    if args.reps < 3:
-        raise SystemExit("bench: figures are medians of at least 3 runs; use --reps 3 or more")
+    args = harness.parse_bench_args(ap)
     chosen = [int(w) for w in args.workloads.split(",")]
     fractions = [float(f) for f in args.fractions.split(",")]
     scale = suite.SCALES["full"]

@@ -107,12 +107,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--throttle", type=float, default=2, metavar="MBPS")
-    args = ap.parse_args()
-    if os.geteuid() != 0:
-        raise SystemExit("bench: run as root (it mounts, drops the page cache and sets up a "
-                         "cgroup)")
-    if args.reps < 3:
-        raise SystemExit("bench: figures are medians of at least 3 runs; use --reps 3 or more")
+    args = harness.parse_bench_args(ap)
     work = WORK / "walk"
     rows = []
     with SlowCold(work, size_mb=3072, read_mbps=args.throttle) as slow:  # inodes for 6 walks

@@ -8,6 +8,7 @@ cgroup (bench/slowcold.py); by default commands run as they are.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -27,6 +28,18 @@ def drop_caches() -> bool:
     os.sync()
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
     return True
+
+
+def parse_bench_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
+    """A benchmark's arguments (it has --reps), refused unless run as root
+    with at least 3 repetitions (figures are medians of 3 or more)."""
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("bench: run as root (it mounts, drops the page cache and sets up a "
+                         "cgroup)")
+    if args.reps < 3:
+        raise SystemExit("bench: figures are medians of at least 3 runs; use --reps 3 or more")
+    return args
 
 
 def run(cmd: list[str], wrap: Wrap = list) -> str:

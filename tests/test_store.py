@@ -258,3 +258,44 @@ def test_warm_waits_for_the_room_promotions_in_flight_hold(tmp_path, monkeypatch
         assert f.read() == want["b"]
     assert store.core.used <= 3 * CHUNK
     close_store(store)
+
+
+def test_a_temporary_copy_that_fails_a_read_is_read_around(tmp_path, monkeypatch):
+    """A read served from a promotion's temporary copy fails (a failing
+    fast disk): the promotion stops and the read returns the cold bytes."""
+    want = cold_files(tmp_path, a=2 * CHUNK)
+    store = make_store(tmp_path, 4 * CHUNK)
+    gate = trio.Event()
+    real_fetch, real_pread = Promotion._fetch, os.pread
+    bad_fds: set[int] = set()
+
+    async def fetch(self, idx):
+        if idx == 1:  # chunk 0 arrives, the promotion stays in flight
+            await gate.wait()
+        await real_fetch(self, idx)
+
+    def pread(fd, n, off):
+        if fd in bad_fds:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_pread(fd, n, off)
+
+    monkeypatch.setattr(Promotion, "_fetch", fetch)
+    monkeypatch.setattr(os, "pread", pread)
+    got = []
+
+    async def body():
+        h = await store.open("a")
+        got.append(await store.read(h, 0, CHUNK))  # from the temporary copy
+        prom = store.entries["a"].prom
+        assert prom is not None and not prom.committed
+        bad_fds.add(prom.tmp_fd.fd)
+        got.append(await store.read(h, 0, CHUNK))
+        gate.set()
+        await prom.done.wait()
+        store.release(h)
+
+    running(store, body)
+    assert got == [want["a"][:CHUNK]] * 2
+    assert store.stats.promotions_failed == 1
+    assert store.tier("a") == "cold" and store.core.used == 0
+    close_store(store)
