@@ -357,12 +357,16 @@ class Operations(pyfuse3.Operations):
             self.modes.release(self._inos.pop(fh), fh >> 32)
             self.store.release(h)
 
-    async def push_to_page_cache(self, rel: str, version: tuple) -> None:
-        """Copy a file just staged into the kernel page cache of its inode,
-        so that the next process's reads and mmap faults never reach the
-        daemon (--push-page-cache; measured in docs/benchmarks.md). Only an
-        inode the kernel knows can receive data."""
-        if self.modes.enabled:
+    async def push_to_page_cache(self, rel: str, version: tuple, live: bool) -> None:
+        """Copy a file just committed into the kernel page cache of its
+        inode, so that reads and mmap faults of its opens never reach the
+        daemon: the live opens that read through the promotion (`live`), or
+        the next process's opens of a staged file (--push-page-cache;
+        measured in docs/benchmarks.md). Only an inode the kernel knows can
+        receive data. Run at the commit, when every byte is in the copy: a
+        read the kernel has asked for holds its pages locked until the
+        daemon answers it, and it is answered without waiting for anything."""
+        if self.modes.enabled and not live:
             return  # passthrough opens read the fast copy, never the pushed pages
         ino = self.ns.known(rel)
         e = self.store.entries.get(rel)

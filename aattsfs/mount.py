@@ -431,8 +431,8 @@ def _serve_mount(cfg: MountConfig, stack: contextlib.ExitStack, created: list[st
     prefetcher = Prefetcher(store, cfg.predictor, cfg.prefetch, cfg.prefetch_jobs)
     prefetcher.learn_from(meta.events())
     ops = Operations(store, timeout=cfg.timeout)
-    if cfg.push_page_cache:
-        store.on_staged = ops.push_to_page_cache
+    store.push_pages = ops.push_to_page_cache
+    store.push_staged = cfg.push_page_cache
     _start_watch(store, cfg, stack)
     why_not = (passthrough.unavailable(cfg.fast_dir) if cfg.passthrough != "off"
                else "--passthrough off")
@@ -502,7 +502,7 @@ def _start_passthrough(store: Store, ops: Operations) -> bool:
         return True
     state["active"] = ops.modes.enabled = True
     log.info("passthrough on: promoted files are read by the kernel from the fast tier")
-    if store.on_staged is not None:
+    if store.push_staged:
         log.info("--push-page-cache does nothing while passthrough is on (the kernel "
                  "reads the fast copy itself)")
     return True

@@ -499,7 +499,7 @@ class Stats:
     demand_misses: int = 0  # opens that found the file neither fast nor on its way
     demand_miss_bytes: int = 0
     events_dropped: int = 0  # the prefetcher fell behind by EVENT_BUFFER events
-    pushed_bytes: int = 0  # staged copies pushed into the kernel page cache
+    pushed_bytes: int = 0  # committed copies pushed into the kernel page cache
     read_seconds: dict = field(default_factory=lambda: {"fast": Histogram(),
                                                         "cold": Histogram()})
     bypasses: int = 0  # opens read from the cold tier without a copy: not admitted
@@ -534,8 +534,14 @@ class Store:
         # Called before a promotion is decided: the prefetcher plans for the
         # latest open if it has not yet (the forecast ranks admissions).
         self.plan_pending: Callable[[], None] = lambda: None
-        # Called (as a task) with (rel, version) when a prefetched copy commits.
-        self.on_staged: Callable[[str, Version], Awaitable[None]] | None = None
+        # Called (as a task) with (rel, version, live) to copy a committed file
+        # into the kernel page cache of its inode: always when opens that
+        # read through the promotion's copy are live (live=True: the kernel
+        # sends their reads to the daemon until they close, so the pages
+        # spare every later fault a round trip), and for prefetched copies
+        # when `push_staged` (--push-page-cache).
+        self.push_pages: Callable[[str, Version, bool], Awaitable[None]] | None = None
+        self.push_staged = False
         self.entries: dict[str, Entry] = {rel: Entry(rec) for rel, rec in meta.records.items()}
         self._nursery: trio.Nursery | None = None
         self._promotion_end = trio.Event()  # set (and replaced) as each promotion ends
@@ -1230,8 +1236,10 @@ class Store:
             self.stats.promotions += 1
             self.stats.promoted_bytes += prom.size
             self._dirty.add(prom.rel)
-            if prom.prefetch and self.on_staged is not None and not prom.cancelled:
-                self._nursery.start_soon(self.on_staged, prom.rel, prom.version)
+            live = any(h.prom is prom for h in e.handles)
+            if self.push_pages is not None and not prom.cancelled and (
+                    live or (prom.prefetch and self.push_staged)):
+                self._nursery.start_soon(self.push_pages, prom.rel, prom.version, live)
         else:
             self.core.abandon(prom.rel, prom.size)
             self._unused_prefetch(e)

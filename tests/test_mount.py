@@ -466,3 +466,22 @@ def test_trace_export_replays_in_the_simulator(cold_tree, mounter):
     assert [(r.path, r.size) for r in trace] == [
         ("mid.bin", 3 * MiB), ("models/a/weights.bin", 4 * MiB), ("mid.bin", 3 * MiB)]
     assert "byte bound" in run_cli("sim", "-", "--budget", "8M", input=exported).stdout
+
+
+def test_an_open_reading_through_a_promotion_gets_its_pages_at_the_commit(tmp_path, mounter):
+    """An open made before the copy existed is served by the daemon until it
+    closes (no passthrough), so the committed copy is pushed into the
+    kernel page cache: the rest of its reads and faults need no round trip."""
+    cold = tmp_path / "cold"
+    cold.mkdir()
+    data = os.urandom(16 << 20)
+    (cold / "big.bin").write_bytes(data)
+    m = mounter(cold, fast_size="64M")
+    with open(m.path("big.bin"), "rb", buffering=0) as f:
+        assert f.read(4096) == data[:4096]  # starts the promotion this open reads through
+        m.wait_tier("big.bin")
+        wait_for(lambda: m.stats()["prefetch"]["pushed_bytes"] >= len(data), what="the push")
+        before = m.stats()["bytes_served"]
+        f.seek(0)
+        assert f.read() == data
+        assert m.stats()["bytes_served"] == before  # every page came from the push
