@@ -210,6 +210,10 @@ class Admission(ABC):
     def left(self, key: Hashable) -> None:
         """key's copy left the fast tier."""
 
+    def reopened(self, key: Hashable) -> None:
+        """The process that opened key last opened it again: the same use,
+        which tells nothing of reuse (Residency.opened)."""
+
     @abstractmethod
     def admit(self, key: Hashable, size: int, victims: list) -> bool:
         """Whether key comes in at the price of evicting `victims` (none:
@@ -276,6 +280,9 @@ class ReuseAdmission(Admission):
 
     def left(self, key):
         self._probation_bytes -= self._probation.pop(key, 0)
+
+    def reopened(self, key):
+        self.left(key)  # a copy read right after it came in: proven
 
     def distance(self, key: Hashable) -> int | None:
         """Bytes opened between key's last two opens; None if not known."""

@@ -16,6 +16,7 @@ Bytes are counted in three states, all within the budget:
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Callable, Container, Hashable
 
 from .policy import Admission, EvictionPolicy, choose_victims
@@ -26,6 +27,8 @@ Key = Hashable
 # the files that could make room for it are pinned, protected or in use;
 # or the policy expects it back later than what it would push out.
 TOO_BIG, NO_ROOM, NOT_ADMITTED = "too big", "no room", "not admitted"
+MAX_STREAMS = 1024  # streams whose latest open is remembered
+_NONE = object()
 
 
 class Residency:
@@ -35,14 +38,28 @@ class Residency:
         self.policy = policy
         self.admission = admission
         self.resident: dict[Key, int] = {}
+        self._latest: OrderedDict[Hashable, Key] = OrderedDict()  # stream -> its last open
 
     @property
     def free(self) -> int:
         return self.budget - self.used
 
-    def opened(self, key: Key, size: int) -> None:
-        """An open of key, fast or not: what admission learns reuse from."""
-        self.admission.opened(key, size)
+    def opened(self, key: Key, size: int, stream: Hashable = None) -> None:
+        """An open of key by `stream`, fast or not: what admission learns
+        reuse from. A stream opening the file it opened last continues that
+        use (a loader checks a safetensors header, then opens the file again
+        to map it). Counted as reuse, it would make every file of a loop
+        longer than the budget look reused at once, and each would be copied
+        only to be evicted before the next pass."""
+        again = self._latest.get(stream, _NONE) == key
+        self._latest[stream] = key
+        self._latest.move_to_end(stream)
+        if len(self._latest) > MAX_STREAMS:
+            self._latest.popitem(last=False)
+        if again:
+            self.admission.reopened(key)
+        else:
+            self.admission.opened(key, size)
         if key in self.resident:
             self.policy.access(key)
 

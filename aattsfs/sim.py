@@ -186,7 +186,7 @@ def simulate(trace: list[Request], budget: int, policy: EvictionPolicy,
                                  also=frozenset([r.path]))
             if predictive:
                 policy.set_forecast([k for k, _ in ahead])
-        core.opened(r.path, r.size)
+        core.opened(r.path, r.size, r.stream)
         if r.path in core.resident:
             res.hits += 1
             res.hit_bytes += r.size

@@ -1025,7 +1025,7 @@ class Store:
         rec = e.record
         h = Handle(rel, version, e, cold_fd, stream_of(pid))
         h.fast_fd = self._open_fast(rel, e)
-        self.core.opened(rel, version[0])
+        self.core.opened(rel, version[0], h.stream)
         if h.fast_fd is not None or held:
             rec.hits += 1
             self.stats.opens_fast += 1

@@ -96,6 +96,28 @@ def test_a_loop_longer_than_the_budget_keeps_what_min_keeps():
     assert reuse.bypasses == 60 - 3 - reuse.hits
 
 
+def test_a_file_opened_twice_in_a_row_by_one_process_is_one_use():
+    """A loader checks each shard's header, then opens it again to map it:
+    on a loop longer than the budget, each pass by a fresh process, that must
+    not make every shard look reused and copy each only to evict it."""
+    trace = [Request(k, 1, stream=p) for p in range(10) for k in "abcdef" for _ in "12"]
+    reuse = simulate(trace, 3, LRUPolicy(), admission=ReuseAdmission(3))
+    # the 3 that filled free room stay and hit at both opens of every pass
+    # after the first (and at the second open of the first); the others are
+    # read from cold every time, never copied
+    assert reuse.hits == 3 + 9 * 6
+    assert reuse.bypasses == 60 * 2 - 3 - reuse.hits
+    # opened by two processes, the same file is reused
+    core = Residency(2, LRUPolicy(), ReuseAdmission(2))
+    for key, stream in [("a", 1), ("b", 1), ("c", 1), ("c", 1)]:
+        core.opened(key, 1, stream)
+        if key not in core.resident:
+            bring_in(core, key, 1)
+    assert set(core.resident) == {"a", "b"}  # c: one use, not admitted
+    core.opened("c", 1, 2)
+    assert bring_in(core, "c", 1)[1] is None
+
+
 @pytest.mark.parametrize("pattern", ["loop", "pipeline", "pertensor", "pertensor-skips"])
 def test_reuse_admission_reaches_the_optimum_on_ordered_patterns(pattern):
     trace = PATTERNS[pattern]()
