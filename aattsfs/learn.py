@@ -21,7 +21,7 @@ expected to open.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Hashable, Iterable, Sequence
+from typing import Callable, Container, Hashable, Iterable, Sequence
 
 from .predict import Key, forecast, make_predictor
 
@@ -152,7 +152,7 @@ class ExpectedBy:
 
     __slots__ = ("_rank", "_i", "_also")
 
-    def __init__(self, rank: dict[Key, int], i: int, also: frozenset = frozenset()) -> None:
+    def __init__(self, rank: dict[Key, int], i: int, also: Container = frozenset()) -> None:
         self._rank, self._i, self._also = rank, i, also
 
     def __contains__(self, key: Key) -> bool:
@@ -164,17 +164,41 @@ def ranks(ahead: Forecast) -> dict[Key, int]:
     return {k: i for i, (k, _) in enumerate(ahead)}
 
 
+class _AnyOf:
+    """Membership in any of some sets (a view: they go on growing)."""
+
+    __slots__ = ("_sets",)
+
+    def __init__(self, sets: list[Container]) -> None:
+        self._sets = sets
+
+    def __contains__(self, key: Key) -> bool:
+        return any(key in s for s in self._sets)
+
+
 def plan(learner: Learner, streams: list[Stream], size_of: Callable[[Key], int],
          budget: int, predictive: bool, hints: Callable[[Key], list[Key]] = _no_hints,
          also: frozenset = frozenset()) -> tuple[Forecast, list[tuple[Key, ExpectedBy]]]:
     """What the prefetcher of the daemon and of the simulator plans after an
     open: the forecast for `streams` (the one that just opened first, then
     the other live ones, most recent first) and the files to stage, each
-    with the files it must not evict (those expected sooner, and `also`).
+    with the files it must not evict: those expected sooner, those a live
+    process has opened, and `also`.
+
+    A live process's files stay because staging is planned one budget ahead:
+    a loader past its first shards would otherwise stage the next in their
+    place, so that on a model larger than the budget every shard is copied
+    and evicted on every load (a sliding window); kept, the first shards
+    serve the next load from the fast tier and the rest is read from cold,
+    what MIN does. (A stream of None, a trace that names no processes, is
+    not one process, and protects nothing.)
+
     A predictive policy ranks evictions over a longer horizon than what is
     staged, so that files beyond the next budget's worth are told apart."""
     ahead = learner.forecast(streams, size_of, RANK_HORIZON * budget if predictive else budget,
                              hints=hints, max_steps=RANK_STEPS if predictive else 64)
     rank = ranks(ahead)
-    return ahead, [(ahead[i][0], ExpectedBy(rank, i, also))
+    in_use = _AnyOf([also, *(learner.streams[s].opened for s in streams
+                             if s is not None and s in learner.streams)])
+    return ahead, [(ahead[i][0], ExpectedBy(rank, i, in_use))
                    for i in staging(ahead, size_of, budget)]

@@ -61,7 +61,6 @@ class Prefetcher:
         self._starting = trio.Lock()
         self._replan = trio.Event()
         self._pending = False  # an open came that is not planned for yet
-        self._current: Stream | None = None  # the stream of the latest open
         self._live: OrderedDict[Stream, None] = OrderedDict()
         self._hinted: OrderedDict[str, list[str]] = OrderedDict()  # rel -> model files
         self._sizes: OrderedDict[str, int] = OrderedDict()  # of hinted files not opened yet
@@ -99,7 +98,6 @@ class Prefetcher:
             _remember(self._hinted, rel, list(files), MAX_CACHED)
         self.learner.observe(stream, rel, files)
         _remember(self._live, stream, None, MAX_LIVE)
-        self._current = stream
         self._pending = True
         self._replan.set()
 
@@ -110,7 +108,7 @@ class Prefetcher:
         if self._pending:
             self._pending = False
             try:
-                self._plan(self._current)
+                self._plan()
             except Exception:
                 log.exception("prefetch planning failed; going on")
 
@@ -159,10 +157,12 @@ class Prefetcher:
         e = self.store.entries.get(rel)
         return e.record.size if e is not None and e.record.size else self._sizes.get(rel, 0)
 
-    def _plan(self, current: Stream) -> None:
-        for s in [s for s in self._live if s != current and not alive(s)]:
+    def _plan(self) -> None:
+        # a process that has exited opens nothing more, and its files are no
+        # longer in use (learn.plan); the chain still forecasts its successor
+        for s in [s for s in self._live if not alive(s)]:
             del self._live[s]
-        streams = [current, *(s for s in reversed(self._live) if s != current)]
+        streams = list(reversed(self._live))
         policy = self.store.core.policy
         predictive = isinstance(policy, PredictivePolicy)
         ahead, staged = plan(self.learner, streams, self._size, self.store.core.budget,

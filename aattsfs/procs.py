@@ -44,8 +44,10 @@ def stream_of(tid: int) -> Stream:
 
 
 def alive(stream: Stream) -> bool:
+    """Whether the process still runs (one already gone when its request
+    was read, start None, does not)."""
     pid, start = stream
     try:
-        return start is None or _start_time(pid) == start
+        return start is not None and _start_time(pid) == start
     except (OSError, ValueError, IndexError):
         return False
