@@ -218,8 +218,23 @@ class Promotion:
             log.warning("promotion of %s failed: %s", self.rel, exc)
 
     async def _fetch(self, idx: int) -> None:
+        self._mark(idx)
+        try:
+            await self._copy(idx)
+        finally:
+            self._settle(idx)
+
+    def _mark(self, idx: int) -> None:
         self.state[idx] = 1
-        ev = self.fetched[idx] = trio.Event()
+        self.fetched[idx] = trio.Event()
+
+    def _settle(self, idx: int) -> None:
+        if self.state[idx] == 1:  # cancelled: the thread was abandoned
+            self.state[idx] = 0
+        self.fetched[idx].set()
+
+    async def _copy(self, idx: int) -> None:
+        """Copy chunk idx (marked in flight) from the cold file."""
         off = idx * CHUNK
         length = min(CHUNK, self.size - off)
         try:
@@ -236,10 +251,6 @@ class Promotion:
         except OSError as exc:
             self.fail(exc)
             self.state[idx] = 0
-        finally:
-            if self.state[idx] == 1:  # cancelled: the thread was abandoned
-                self.state[idx] = 0
-            ev.set()
 
     def cancel(self) -> None:
         """Stop at the next chunk boundary (a paced filler stops waiting now,
@@ -257,20 +268,37 @@ class Promotion:
     def _alive(self) -> bool:
         return not (self.failed or self.cancelled) and self.tmp_fd is not None
 
-    async def ensure(self, off: int, size: int) -> tuple[bool, bool]:
-        """Make [off, off+size) present in the temporary copy.
-        Returns (usable, waited): usable is False when the caller must look
-        again at its handle (the promotion ended, failed or was cancelled)."""
-        waited = False
-        end = min(off + size, self.size)
-        for idx in range(off // CHUNK, (end + CHUNK - 1) // CHUNK):
-            while self._alive() and self.state[idx] != 2:
-                waited = True
-                if self.state[idx] == 1:
-                    await self.fetched[idx].wait()
-                else:
-                    await self._fetch(idx)
-        return self._alive(), waited
+    def _chunks(self, off: int, size: int) -> range:
+        return range(off // CHUNK, (min(off + size, self.size) + CHUNK - 1) // CHUNK)
+
+    def present(self, off: int, size: int) -> bool:
+        """Whether the temporary copy holds [off, off+size) now."""
+        return self._alive() and all(self.state[i] == 2 for i in self._chunks(off, size))
+
+    def fetch_soon(self, off: int, size: int) -> bool:
+        """Start copying, in the background, the chunks of [off, off+size)
+        nobody copies yet; False if the promotion is over. A reader does not
+        wait for them: it reads the same bytes from the cold file meanwhile
+        (Store._read), and the cold tier's page cache gives them to whichever
+        of the two asks second, so the reader streams where it would wait
+        for a whole chunk before its first byte."""
+        if not self._alive():
+            return False
+        for idx in self._chunks(off, size):
+            if self.state[idx] == 0 and idx not in self._claimed:
+                self._mark(idx)
+                self.store.start_soon(self._background, idx)
+        return True
+
+    async def _background(self, idx: int) -> None:
+        scope = trio.CancelScope()  # cancel() abandons it, as a lane's copy
+        self._lane_scopes.add(scope)
+        try:
+            with scope:
+                await self._copy(idx)
+        finally:
+            self._lane_scopes.discard(scope)
+            self._settle(idx)
 
     def _unchanged(self, cold_fd: int) -> bool:
         """Whether the cold path still names the very file that was copied,
@@ -392,8 +420,10 @@ class Handle:
     tried_promotion: bool = False
     ranges: list = field(default_factory=list)  # [offset, length] read, coalesced
     more_ranges: int = 0  # reads beyond MAX_RANGES
+    read_bytes: int = 0  # through the daemon, so far
 
     def note_read(self, off: int, n: int) -> None:
+        self.read_bytes += n
         last = self.ranges[-1] if self.ranges else None
         if last is not None and last[0] + last[1] == off:
             last[1] += n
@@ -1080,20 +1110,24 @@ class Store:
                 self._start_promotion(h.rel, h.entry, h.version, h.cold_fd, self.expected)
             if h.prom is not None:
                 prom = h.prom
-                usable, waited = await prom.ensure(off, size)
-                if usable:
+                if prom.present(off, size):
                     try:
-                        return os.pread(prom.tmp_fd.fd, size, off), not waited
+                        return os.pread(prom.tmp_fd.fd, size, off), True
                     except OSError as exc:  # the copy is failing: stop it, read cold
                         prom.fail(exc)
                         prom.cancel()
                         h.prom = None
                         continue
-                if h.prom is prom:  # ended without moving this handle
-                    h.prom = None
-                continue
+                if not prom.fetch_soon(off, size):
+                    if h.prom is prom:  # ended without moving this handle
+                        h.prom = None
+                    continue
+            # Not in the fast tier, or not in the copy yet: from the cold file
+            # (whose cache then holds the bytes the copy reads: counted once)
+            streamed = h.prom is not None
             data = await self.cold_call(in_thread(os.pread, size, off, fds=(h.cold_fd,)))
-            self.stats.cold_bytes_read += len(data)
+            if not streamed:
+                self.stats.cold_bytes_read += len(data)
             if len(data) < size and off + len(data) < h.version[0]:
                 # Truncated in place since this open: a short read here would
                 # make the kernel zero-fill the rest of its pages and, if it
@@ -1236,7 +1270,10 @@ class Store:
             self.stats.promotions += 1
             self.stats.promoted_bytes += prom.size
             self._dirty.add(prom.rel)
-            live = any(h.prom is prom for h in e.handles)
+            # (not for an open that has read most of the file already, as a
+            # whole-file reader has: its pages are in the kernel, pushing
+            # them again is CPU for nothing)
+            live = any(h.prom is prom and h.read_bytes < prom.size // 2 for h in e.handles)
             if self.push_pages is not None and not prom.cancelled and (
                     live or (prom.prefetch and self.push_staged)):
                 self._nursery.start_soon(self.push_pages, prom.rel, prom.version, live)

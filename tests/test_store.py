@@ -77,14 +77,14 @@ def running(store: Store, body) -> None:
 def hold_chunks_of(rel: str, monkeypatch) -> trio.Event:
     """Promotions of rel copy no chunk until the event returned is set."""
     gate = trio.Event()
-    real_fetch = Promotion._fetch
+    real_fetch = Promotion._copy
 
     async def fetch(self, idx):
         if self.rel == rel:
             await gate.wait()
         await real_fetch(self, idx)
 
-    monkeypatch.setattr(Promotion, "_fetch", fetch)
+    monkeypatch.setattr(Promotion, "_copy", fetch)
     return gate
 
 
@@ -105,13 +105,13 @@ def test_staged_files_arrive_in_the_order_they_are_needed(tmp_path, monkeypatch)
         (tmp_path / "cold" / name).write_bytes(os.urandom(3 * CHUNK))
     store = make_store(tmp_path, 64 * CHUNK)
     fetched = []
-    real_fetch = Promotion._fetch
+    real_fetch = Promotion._copy
 
     async def fetch(self, idx):
         fetched.append((self.rel, idx))
         await real_fetch(self, idx)
 
-    monkeypatch.setattr(Promotion, "_fetch", fetch)
+    monkeypatch.setattr(Promotion, "_copy", fetch)
 
     async def main():
         async with trio.open_nursery() as nursery:
@@ -268,7 +268,7 @@ def test_a_temporary_copy_that_fails_a_read_is_read_around(tmp_path, monkeypatch
     want = cold_files(tmp_path, a=2 * CHUNK)
     store = make_store(tmp_path, 4 * CHUNK)
     gate = trio.Event()
-    real_fetch, real_pread = Promotion._fetch, os.pread
+    real_fetch, real_pread = Promotion._copy, os.pread
     bad_fds: set[int] = set()
 
     async def fetch(self, idx):
@@ -281,17 +281,19 @@ def test_a_temporary_copy_that_fails_a_read_is_read_around(tmp_path, monkeypatch
             raise OSError(errno.EIO, "Input/output error")
         return real_pread(fd, n, off)
 
-    monkeypatch.setattr(Promotion, "_fetch", fetch)
+    monkeypatch.setattr(Promotion, "_copy", fetch)
     monkeypatch.setattr(os, "pread", pread)
     got = []
 
     async def body():
         h = await store.open("a")
-        got.append(await store.read(h, 0, CHUNK))  # from the temporary copy
+        got.append(await store.read(h, 0, CHUNK))  # from cold, while chunk 0 is copied
         prom = store.entries["a"].prom
         assert prom is not None and not prom.committed
+        while not prom.present(0, CHUNK):
+            await trio.sleep(0.01)
         bad_fds.add(prom.tmp_fd.fd)
-        got.append(await store.read(h, 0, CHUNK))
+        got.append(await store.read(h, 0, CHUNK))  # from the temporary copy: fails
         gate.set()
         await prom.done.wait()
         store.release(h)
@@ -300,4 +302,32 @@ def test_a_temporary_copy_that_fails_a_read_is_read_around(tmp_path, monkeypatch
     assert got == [want["a"][:CHUNK]] * 2
     assert store.stats.promotions_failed == 1
     assert store.tier("a") == "cold" and store.core.used == 0
+    close_store(store)
+
+
+def test_a_read_during_a_promotion_does_not_wait_for_its_chunk(tmp_path, monkeypatch):
+    """A chunk not yet in the temporary copy is read from the cold file
+    while it is copied: the reader streams instead of waiting for 4 MiB,
+    and the bytes are counted once as read from the cold tier."""
+    want = cold_files(tmp_path, a=2 * CHUNK)
+    store = make_store(tmp_path, 4 * CHUNK)
+    gate = hold_chunks_of("a", monkeypatch)
+    got = []
+
+    async def body():
+        h = await store.open("a")
+        with trio.fail_after(30):  # waiting for the held chunk would never end
+            got.append(await store.read(h, CHUNK + 4096, 65536))
+        prom = store.entries["a"].prom
+        assert prom is not None and prom.state[1] == 1  # its copy started, held
+        gate.set()
+        await prom.done.wait()
+        got.append(await store.read(h, CHUNK + 4096, 65536))
+        store.release(h)
+
+    running(store, body)
+    assert got == [want["a"][CHUNK + 4096:CHUNK + 4096 + 65536]] * 2
+    assert store.tier("a") == "fast"
+    assert store.stats.cold_bytes_read == 2 * CHUNK
+    assert store.stats.reads_cold == 1 and store.stats.reads_fast == 1
     close_store(store)
