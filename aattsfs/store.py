@@ -295,7 +295,8 @@ class Promotion:
         self._lane_scopes.add(scope)
         try:
             with scope:
-                await self._copy(idx)
+                if self._alive():  # not cancelled or ended before this task ran
+                    await self._copy(idx)
         finally:
             self._lane_scopes.discard(scope)
             self._settle(idx)
