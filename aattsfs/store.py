@@ -1080,6 +1080,9 @@ class Store:
 
     async def read(self, h: Handle, off: int, size: int) -> bytes:
         start = time.perf_counter()
+        # noted in the order the kernel asked: reads from the cold tier run
+        # in threads and may end in another order, which would split ranges
+        h.note_read(off, max(0, min(size, h.version[0] - off)))
         data, fast = await self._read(h, off, size)
         s = self.stats
         if fast:
@@ -1089,7 +1092,6 @@ class Store:
             s.reads_cold += 1
             s.bytes_cold += len(data)
         s.read_seconds["fast" if fast else "cold"].observe(time.perf_counter() - start)
-        h.note_read(off, len(data))
         return data
 
     async def _read(self, h: Handle, off: int, size: int) -> tuple[bytes, bool]:
