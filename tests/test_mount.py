@@ -402,6 +402,7 @@ def test_metadata_records_the_open_sequence(cold_tree, mounter):
                 "models/a/weights.bin", "models/b/weights.bin"]:
         with open(m.path(rel), "rb") as f:
             f.read(1)
+    m.wait_tier("models/a/weights.bin")  # (its copy goes on after the read returned)
     m.stop()  # a clean stop flushes the last batch
     meta = MetaStore(str(m.state / "lmdb"))
     try:
