@@ -83,5 +83,6 @@ bench: bench-deps
 	$(PY) bench/walk_latency.py
 	$(PY) bench/ls_xattr.py --reps 5
 	$(PY) bench/sim_table.py
+	$(PY) bench/sim_vs_mount.py
 	$(PY) bench/page_cache_push.py --reps 5
 	$(PY) bench/passthrough.py --reps 3
