@@ -84,5 +84,6 @@ bench: bench-deps
 	$(PY) bench/ls_xattr.py --reps 5
 	$(PY) bench/sim_table.py
 	$(PY) bench/sim_vs_mount.py
+	$(PY) bench/mmap_touch.py --reps 5
 	$(PY) bench/page_cache_push.py --reps 5
 	$(PY) bench/passthrough.py --reps 3

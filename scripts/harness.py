@@ -30,13 +30,17 @@ def drop_caches() -> bool:
     return True
 
 
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise SystemExit("bench: run as root (it mounts, drops the page cache and sets up a "
+                         "cgroup)")
+
+
 def parse_bench_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
     """A benchmark's arguments (it has --reps), refused unless run as root
     with at least 3 repetitions (figures are medians of 3 or more)."""
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        raise SystemExit("bench: run as root (it mounts, drops the page cache and sets up a "
-                         "cgroup)")
+    require_root()
     if args.reps < 3:
         raise SystemExit("bench: figures are medians of at least 3 runs; use --reps 3 or more")
     return args
