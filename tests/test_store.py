@@ -331,3 +331,83 @@ def test_a_read_during_a_promotion_does_not_wait_for_its_chunk(tmp_path, monkeyp
     assert store.stats.cold_bytes_read == 2 * CHUNK
     assert store.stats.reads_cold == 1 and store.stats.reads_fast == 1
     close_store(store)
+
+
+async def read_all(store: Store, h, size: int, step: int = 65536) -> bytes:
+    out = b""
+    while len(out) < size and (chunk := await store.read(h, len(out), step)):
+        out += chunk
+    return out
+
+
+def test_a_streaming_reader_of_a_promotion_the_full_fast_tier_stops(tmp_path, monkeypatch):
+    """The fast tier fills while chunk 1 is copied: the promotion fails, and
+    the reader, streaming from the cold file meanwhile, reads every byte
+    right (a chunk served from the copy before it is there would be zeros)."""
+    import aattsfs.store as store_mod
+    want = cold_files(tmp_path, a=3 * CHUNK)
+    store = make_store(tmp_path, 4 * CHUNK)
+    real = store_mod._copy_range
+
+    def copy_range(src, dst, off, length):
+        if off == CHUNK:
+            os.pwrite(dst, b"\0" * 4096, off)  # a part written, then the filesystem is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst, off, length)
+
+    monkeypatch.setattr(store_mod, "_copy_range", copy_range)
+    got = []
+
+    async def body():
+        h = await store.open("a")
+        got.append(await read_all(store, h, 3 * CHUNK))
+        prom = h.prom or store.entries["a"].prom
+        if prom is not None:
+            await prom.done.wait()
+        got.append(await read_all(store, h, 3 * CHUNK))  # after the failure: cold
+        store.release(h)
+
+    running(store, body)
+    assert got == [want["a"]] * 2
+    assert store.stats.promotions_nospace == 1 and store.tier("a") == "cold"
+    assert store.core.used == 0
+    close_store(store)
+
+
+def test_a_streaming_reader_keeps_the_file_its_open_found(tmp_path, monkeypatch):
+    """While a promotion's chunk is held, the cold path is replaced by
+    another file and then the file the open found is truncated in place:
+    the reader gets that file's bytes, then EIO past its new end (never
+    the new file's bytes, never zeros), and the copy is not committed."""
+    want = cold_files(tmp_path, a=2 * CHUNK)
+    cold = tmp_path / "cold"
+    store = make_store(tmp_path, 4 * CHUNK)
+    gate = hold_chunks_of("a", monkeypatch)
+    got, errors = [], []
+
+    async def body():
+        h = await store.open("a")
+        got.append(await store.read(h, 0, 65536))  # starts the promotion, held
+        prom = store.entries["a"].prom
+        old = os.open(cold / "a", os.O_RDWR)
+        (cold / "b").write_bytes(os.urandom(2 * CHUNK))
+        os.rename(cold / "b", cold / "a")  # the path names another file now
+        got.append(await store.read(h, CHUNK, 65536))  # still the file the open found
+        os.ftruncate(old, CHUNK + 4096)  # that file shrinks in place
+        os.close(old)
+        got.append(await store.read(h, CHUNK, 4096))
+        try:
+            await store.read(h, CHUNK + 65536, 65536)
+        except OSError as exc:
+            errors.append(exc.errno)
+        gate.set()
+        await prom.done.wait()
+        store.release(h)
+
+    running(store, body)
+    a = want["a"]
+    assert got == [a[:65536], a[CHUNK:CHUNK + 65536], a[CHUNK:CHUNK + 4096]]
+    assert errors == [errno.EIO]
+    assert store.tier("a") == "cold" and store.stats.promotions == 0
+    assert store.core.used == 0
+    close_store(store)
