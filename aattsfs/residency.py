@@ -44,13 +44,14 @@ class Residency:
     def free(self) -> int:
         return self.budget - self.used
 
-    def opened(self, key: Key, size: int, stream: Hashable = None) -> None:
+    def opened(self, key: Key, size: int, stream: Hashable = None) -> bool:
         """An open of key by `stream`, fast or not: what admission learns
-        reuse from. A stream opening the file it opened last continues that
-        use (a loader checks a safetensors header, then opens the file again
-        to map it). Counted as reuse, it would make every file of a loop
-        longer than the budget look reused at once, and each would be copied
-        only to be evicted before the next pass."""
+        reuse from; True if it continues the stream's previous open. A
+        stream opening the file it opened last continues that use (a loader
+        checks a safetensors header, then opens the file again to map it).
+        Counted as reuse, it would make every file of a loop longer than the
+        budget look reused at once, and each would be copied only to be
+        evicted before the next pass."""
         again = self._latest.get(stream, _NONE) == key
         self._latest[stream] = key
         self._latest.move_to_end(stream)
@@ -62,6 +63,7 @@ class Residency:
             self.admission.opened(key, size)
         if key in self.resident:
             self.policy.access(key)
+        return again
 
     def room(self, key: Key, size: int, evictable: Callable[[Key], bool] = lambda k: True,
              protect: Container = frozenset(), judge: bool = True, ahead: bool = False

@@ -27,6 +27,7 @@ from .policy import Admission, AdmitAll, EvictionPolicy, PredictivePolicy
 from .residency import Residency
 
 INF = float("inf")
+_NONE = object()
 
 
 @dataclass(frozen=True)
@@ -168,10 +169,10 @@ def simulate(trace: list[Request], budget: int, policy: EvictionPolicy,
     # the latest first, as the daemon's prefetcher does.
     last_open = {r.stream: i for i, r in enumerate(trace)}
     live: OrderedDict = OrderedDict()
+    found: dict = {}  # stream -> whether its latest use found the file resident
     predictive = isinstance(policy, PredictivePolicy)
     for i, r in enumerate(trace):
         res.requests += 1
-        res.bytes_requested += r.size
         sizes[r.path] = r.size
         staged: list = []
         if learner is not None:
@@ -186,17 +187,24 @@ def simulate(trace: list[Request], budget: int, policy: EvictionPolicy,
                                  also=frozenset([r.path]))
             if predictive:
                 policy.set_forecast([k for k, _ in ahead])
-        core.opened(r.path, r.size, r.stream)
-        if r.path in core.resident:
-            res.hits += 1
-            res.hit_bytes += r.size
-            if r.path in prefetched:
-                prefetched.discard(r.path)
-                res.prefetch_used_bytes += r.size
-        # a demand read never evicts what the forecast stages (as in Store)
-        elif not admit(r.path, r.size, frozenset(k for k, _ in staged)):
-            res.bypasses += 1
-            res.bypassed_bytes += r.size
+        if core.opened(r.path, r.size, r.stream):
+            # the same use as the stream's previous open: no bytes again, and
+            # found or not as that open was (on the mount, the first open's
+            # copy is still in flight when the loader opens the file again)
+            res.hits += found[r.stream]
+        else:
+            res.bytes_requested += r.size
+            found[r.stream] = r.path in core.resident
+            if found[r.stream]:
+                res.hits += 1
+                res.hit_bytes += r.size
+                if r.path in prefetched:
+                    prefetched.discard(r.path)
+                    res.prefetch_used_bytes += r.size
+            # a demand read never evicts what the forecast stages (as in Store)
+            elif not admit(r.path, r.size, frozenset(k for k, _ in staged)):
+                res.bypasses += 1
+                res.bypassed_bytes += r.size
         if not prefetch:
             continue
         for key, protect in staged:
@@ -208,25 +216,43 @@ def simulate(trace: list[Request], budget: int, policy: EvictionPolicy,
     return res
 
 
-def _next_uses(trace: list[Request]) -> list[float]:
+def _reopens(trace: list[Request]) -> list[bool]:
+    """For each open, whether it continues its stream's previous open of the
+    same file: the same use, as `Residency.opened` counts it."""
+    latest: dict = {}
+    again = []
+    for r in trace:
+        again.append(latest.get(r.stream, _NONE) == r.path)
+        latest[r.stream] = r.path
+    return again
+
+
+def _next_uses(trace: list[Request], again: list[bool]) -> list[float]:
     nxt: list[float] = [INF] * len(trace)
     last: dict[str, int] = {}
     for i in range(len(trace) - 1, -1, -1):
-        nxt[i] = last.get(trace[i].path, INF)
-        last[trace[i].path] = i
+        if not again[i]:
+            nxt[i] = last.get(trace[i].path, INF)
+            last[trace[i].path] = i
     return nxt
 
 
 def belady_min(trace: list[Request], capacity: int) -> Result:
     """The optimal hits with room for `capacity` files (all of one size)."""
     res = Result()
-    nxt = _next_uses(trace)
+    again = _reopens(trace)
+    nxt = _next_uses(trace, again)
     when: dict[str, float] = {}  # resident path -> its next use
     heap: list[tuple[float, str]] = []  # (-next use, path), lazily invalidated
+    found: dict = {}  # stream -> whether its latest use hit
     for i, r in enumerate(trace):
         res.requests += 1
+        if again[i]:  # the same use as the stream's open before it
+            res.hits += found[r.stream]
+            continue
         res.bytes_requested += r.size
-        if r.path in when:
+        found[r.stream] = r.path in when
+        if found[r.stream]:
             res.hits += 1
             res.hit_bytes += r.size
         when[r.path] = nxt[i]
@@ -242,17 +268,23 @@ def byte_bound(trace: list[Request], budget: int) -> Result:
     """An upper bound on the byte hits of any policy, for real file sizes:
     MIN over bytes, where a file may stay cached in part."""
     res = Result()
-    nxt = _next_uses(trace)
+    again = _reopens(trace)
+    nxt = _next_uses(trace, again)
     held: dict[str, int] = {}  # bytes of each file in the cache
     when: dict[str, float] = {}
     heap: list[tuple[float, str]] = []
     total = 0
+    whole: dict = {}  # stream -> whether its latest use found the whole file
     for i, r in enumerate(trace):
         res.requests += 1
+        if again[i]:  # the same use as the stream's open before it
+            res.hits += whole[r.stream]
+            continue
         res.bytes_requested += r.size
         cached = held.get(r.path, 0)
         res.hit_bytes += cached
-        res.hits += cached == r.size
+        whole[r.stream] = cached == r.size
+        res.hits += whole[r.stream]
         total += r.size - cached
         held[r.path] = r.size
         when[r.path] = nxt[i]

@@ -24,8 +24,25 @@ def test_belady_min_by_hand():
     t = reqs("abc" * 4)
     assert simulate(t, 2, LRUPolicy()).hits == 0
     assert belady_min(t, 2).hits == 6
-    assert belady_min(reqs("aaaa"), 1).hits == 3
+    # one file opened by four processes: three reuses
+    assert belady_min([Request("a", 1, p) for p in range(4)], 1).hits == 3
     assert belady_min(reqs("abcd"), 0).hits == 0
+
+
+def test_a_stream_reopening_its_last_file_continues_one_use():
+    """A loader checks a shard's header, then opens it again to map it: one
+    use, whose bytes come from the cold tier once, and found or not as its
+    first open was (on the mount, that open's copy is still in flight). The
+    optimum counts it the same way, or it would score hits no policy can."""
+    t = [Request("a", 4, 1), Request("b", 4, 2), Request("a", 4, 3), Request("a", 4, 3),
+         Request("a", 4, 4)]
+    lru, best, bound = simulate(t, 4, LRUPolicy()), belady_min(t, 1), byte_bound(t, 4)
+    for r in (lru, best, bound):
+        assert (r.requests, r.bytes_requested) == (5, 16)
+    # LRU: b evicts a, stream 3's a misses at both its opens, stream 4's hits
+    assert (lru.hits, lru.hit_bytes, lru.cold_bytes) == (1, 4, 12)
+    # the optimum bypasses b: stream 3's a hits at both opens, stream 4's too
+    assert (best.hits, best.hit_bytes) == (bound.hits, bound.hit_bytes) == (3, 8)
 
 
 def test_simulate_counts_bytes_and_skips_files_larger_than_the_budget():
@@ -37,7 +54,7 @@ def test_simulate_counts_bytes_and_skips_files_larger_than_the_budget():
 def test_lfu_keeps_the_popular_file_where_lru_does_not():
     # capacity 2, a a a b c a: at c, LRU evicts a (least recent), LFU evicts b
     # (used once): the last a hits only under LFU
-    t = reqs("aaabca")
+    t = [Request(n, 1, stream=p) for p, n in enumerate("aaabca")]
     assert simulate(t, 2, LRUPolicy()).hits == 2
     assert simulate(t, 2, LFUPolicy()).hits == 3
 
