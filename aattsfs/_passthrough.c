@@ -12,8 +12,10 @@
  *                               asked to and the kernel offers it);
  *   fuse_reply_open             an open reply whose fh carries a backing id
  *                               in its high 32 bits (the daemon's protocol,
- *                               see fs.py) is sent as a passthrough open;
- *                               every reply gets noflush when asked for.
+ *                               see fs.py) is sent as a passthrough open,
+ *                               a directory's with the top bit set lets
+ *                               the kernel cache the listing; every reply
+ *                               gets noflush when asked for.
  *
  * The real functions are looked up in the libfuse that pyfuse3 loaded (found
  * among the loaded objects by name), never in another one, and only a
@@ -143,6 +145,10 @@ int fuse_reply_open(fuse_req_t req, const struct fuse_file_info *f)
 		fi.backing_id = backing;
 		fi.keep_cache = 0;
 		fi.direct_io = 0;
+	} else if (fi.fh >> 63) {
+		/* A listing the daemon invalidates when it changes (fs.py, opendir) */
+		fi.cache_readdir = 1;
+		fi.keep_cache = 1;
 	}
 	if (g.noflush)
 		fi.noflush = 1;

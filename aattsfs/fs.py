@@ -26,6 +26,7 @@ from . import control, passthrough
 from .namespace import ROOT, Namespace
 from .store import Store
 from .tiers import SharedFd, same_copy, version_of
+from .watch import TRUST
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,11 @@ class _Dir:
     """An open directory: its names at opendir, attributes as far as read."""
     rel: str
     fd: SharedFd | None
-    names: list[bytes]
+    names: list[bytes] | None  # None: not read yet (the kernel has a cached listing)
     attrs: list = dataclasses.field(default_factory=list)
     watched: int | None = None  # its watch's registration at opendir (store.cold_opendir)
+    tokens: list = dataclasses.field(default_factory=list)  # per attribute (store.vouched)
+    ino: int = 0
 
 
 def _handler(fn):
@@ -86,6 +89,8 @@ class Operations(pyfuse3.Operations):
         self.modes = passthrough.OpenModes(frozenset({0, self._owner[0]}),
                                            int(store.core.budget * OTHERS_SHARE))
         self._versions: dict[int, tuple] = {}  # ino -> version at last open (page cache)
+        # directory ino -> token of the listing the kernel may cache (opendir)
+        self._listed: dict[int, int] = {}
         self._stats: dict[int, os.stat_result] = {}  # ino -> attributes last seen
         self._started_ns = time.time_ns()
         self._warned_ro = False
@@ -157,12 +162,13 @@ class Operations(pyfuse3.Operations):
         rel = self._join(self.ns.path(parent_inode), name)
         ino = self.ns.known(rel)
         if ino is not None and ino in self._stats:
-            st, fresh = await self._fresh_or_known(ino, self.cold.visible_lstat)
+            st, timeout = await self._fresh_or_known(ino, self.cold.visible_lstat)
         else:
-            st, fresh = await self.store.cold_stat(self.cold.visible_lstat, rel), True
+            st, vouched = await self.store.cold_stat(self.cold.visible_lstat, rel)
+            timeout = TRUST if vouched else None
         ino = self.ns.lookup(rel, ident_of(st))
         self._stats[ino] = st
-        return self._attr(ino, st, timeout=None if fresh else 0)
+        return self._attr(ino, st, timeout)
 
     @_handler
     async def forget(self, inode_list):
@@ -171,32 +177,36 @@ class Operations(pyfuse3.Operations):
                 self.ns.forget(ino, n)
                 if ino not in self.ns:
                     self._versions.pop(ino, None)
+                    self._listed.pop(ino, None)
                     self._stats.pop(ino, None)
 
     @_handler
     async def getattr(self, inode, ctx=None):
         if inode in control.CONTROL_INOS:
             return self._control_attr(inode)
-        st, fresh = await self._fresh_or_known(inode, self.cold.lstat)
-        if fresh and self.ns.ident(inode) not in (None, ident_of(st)):
+        st, timeout = await self._fresh_or_known(inode, self.cold.lstat)
+        if timeout != 0 and self.ns.ident(inode) not in (None, ident_of(st)):
             # The path names another file now; this inode stands for the old
             # one, which open handles may still read: keep its attributes.
-            st, fresh = self._stats.get(inode, st), False
+            st, timeout = self._stats.get(inode, st), 0
         self._stats[inode] = st
-        return self._attr(inode, st, timeout=None if fresh else 0)
+        return self._attr(inode, st, timeout)
 
-    async def _fresh_or_known(self, ino: int, lstat) -> tuple[os.stat_result, bool]:
-        """(attributes, fresh): fresh from the cold tier, or if it does not
-        answer within STALE_AFTER, the last ones seen. A stuck cold tier must
-        not stall every path walk: the kernel asks for the root's attributes
-        on each one, and it serializes the lookups of a directory (pyfuse3
-        cannot ask for parallel directory operations), so one hung lookup
-        would block its whole directory. Names never seen still wait."""
+    async def _fresh_or_known(self, ino: int, lstat) -> tuple[os.stat_result, float | None]:
+        """(attributes, how long the kernel may keep them): fresh from the
+        cold tier (watch.TRUST if the watch vouches for them, else the
+        default), or if it does not answer within STALE_AFTER, the last ones
+        seen (0). A stuck cold tier must not stall every path walk: the
+        kernel asks for the root's attributes on each one, and it serializes
+        the lookups of a directory (pyfuse3 cannot ask for parallel
+        directory operations), so one hung lookup would block its whole
+        directory. Names never seen still wait."""
         known = self._stats.get(ino)
         with trio.move_on_after(STALE_AFTER if known is not None else math.inf):
-            return await self.store.cold_stat(lstat, self.ns.path(ino)), True
+            st, vouched = await self.store.cold_stat(lstat, self.ns.path(ino))
+            return st, TRUST if vouched else None
         log.debug("cold tier slow: attributes of %s served as last seen", self.ns.path(ino))
-        return known, False
+        return known, 0
 
     @_handler
     async def readlink(self, inode, ctx):
@@ -220,22 +230,49 @@ class Operations(pyfuse3.Operations):
                                   [self._control_attr(ino) for ino in control.CONTROL_FILES.values()])
             return fh
         rel = self.ns.path(inode)
-        fd, names, watched = await self.store.cold_opendir(rel)
-        d = _Dir(rel, SharedFd(fd), [os.fsencode(n) for n in names], watched=watched)
+        listed = self._listed.get(inode)
+        if listed and self.store.listing_current(rel, listed):
+            # The kernel keeps the listing it was given until the watch sees
+            # it change (invalidate_changes): no cold call unless it asks
+            self._dirs[fh | passthrough.CACHE_DIR] = _Dir(rel, None, None, ino=inode)
+            return fh | passthrough.CACHE_DIR
+        d = await self._list(inode, rel)
+        if inode in self._listed:
+            fh |= passthrough.CACHE_DIR  # the C hooks turn this bit into the flags
+        self._dirs[fh] = d  # a snapshot: offsets stay valid for this handle
+        return fh
+
+    async def _list(self, inode: int, rel: str) -> _Dir:
+        """The cold directory rel read now; noted in _listed if the kernel
+        may cache the listing."""
+        fd, names, watched, listed = await self.store.cold_opendir(rel)
+        d = _Dir(rel, fd, [os.fsencode(n) for n in names], watched=watched)
+        if listed:
+            self._listed[inode] = listed
+        else:
+            self._listed.pop(inode, None)
         if inode == ROOT:
             d.names = [n for n in d.names if n != control.CONTROL_NAME.encode()]
             d.names.insert(0, control.CONTROL_NAME.encode())
             d.attrs.append(self._control_attr(control.CONTROL_DIR_INO))
-        self._dirs[fh] = d  # a snapshot: offsets stay valid for this handle
-        return fh
+            d.tokens.append(0)
+        return d
 
     @_handler
     async def readdir(self, fh, start_id, token):
         d = self._dirs[fh]
+        if d.names is None:  # the kernel's listing was dropped after all: read it now
+            listed = await self._list(d.ino, d.rel)
+            d.fd, d.names, d.attrs, d.tokens, d.watched = (
+                listed.fd, listed.names, listed.attrs, listed.tokens, listed.watched)
+        drained = False  # events read since the last await (store.vouched)
         for i in range(start_id, len(d.names)):
             if i >= len(d.attrs):  # lstat the next batch, off the trio thread
                 batch = [os.fsdecode(n) for n in d.names[i:i + READDIR_BATCH]]
-                d.attrs += await self.store.cold_stat_entries(d.fd, d.rel, batch, d.watched)
+                attrs, since = await self.store.cold_stat_entries(d.fd, d.rel, batch, d.watched)
+                d.attrs += attrs
+                d.tokens += [since] * len(attrs)
+                drained = False
             name, attr = d.names[i], d.attrs[i]
             if attr is None:
                 continue  # vanished since opendir, or hidden
@@ -245,7 +282,10 @@ class Operations(pyfuse3.Operations):
                 continue
             rel = self._join(d.rel, name)
             ino = self.ns.ino(rel, ident_of(attr))
-            if pyfuse3.readdir_reply(token, name, self._attr(ino, attr), i + 1):
+            vouched = d.tokens[i] and self.store.vouched(rel, attr, d.tokens[i], not drained)
+            drained = drained or bool(d.tokens[i])
+            if pyfuse3.readdir_reply(token, name, self._attr(ino, attr, TRUST if vouched else None),
+                                     i + 1):
                 self.ns.lookup(rel, ident_of(attr))
                 self._stats[ino] = attr
             else:
@@ -326,6 +366,64 @@ class Operations(pyfuse3.Operations):
         keep = self._versions.get(inode) == h.version
         self._versions[inode] = h.version
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
+
+    async def invalidate_changes(self) -> None:
+        """Run for the life of the mount with the cold watch on: whatever the
+        kernel keeps of a path the watch saw change (its entry, attributes,
+        its directory's listing: kept for watch.TRUST where the watch
+        vouched for them) is invalidated in the kernel as soon as the event
+        is read, so a change inotify sees shows through the mount at once."""
+        w = self.store.watch
+        if w is None:
+            return
+        changed = trio.Event()
+
+        def wake() -> None:
+            changed.set()
+
+        async def read_events() -> None:  # events no open or lookup reads
+            while True:
+                await trio.lowlevel.wait_readable(w.fd)
+                w.drain()
+
+        w.on_change = wake
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_events)
+            while True:
+                await changed.wait()
+                changed = trio.Event()
+                everything, paths = w.take_changes()
+                todo = self._kernel_views(self.ns.known_paths() if everything else paths)
+                self.store.stats.kernel_invalidations += len(todo[0]) + len(todo[1])
+                # in a thread: the kernel may wait for requests in flight on
+                # the entry, which this (trio) thread answers
+                await trio.to_thread.run_sync(self._invalidate, *todo, abandon_on_cancel=True)
+
+    def _kernel_views(self, paths) -> tuple[set, set]:
+        """(entries as (parent inode, name), inodes) the kernel may keep of
+        `paths`: their entries and attributes, and their directories'
+        listings and attributes."""
+        entries, inodes = set(), set()
+        for rel in paths:
+            if rel:
+                parent, _, name = rel.rpartition("/")
+                p = ROOT if not parent else self.ns.known(parent)
+                if p is not None:
+                    entries.add((p, os.fsencode(name)))
+                    inodes.add(p)
+            ino = ROOT if not rel else self.ns.known(rel)
+            if ino is not None:
+                inodes.add(ino)
+        return entries, inodes
+
+    @staticmethod
+    def _invalidate(entries: set, inodes: set) -> None:
+        for parent, name in entries:
+            with contextlib.suppress(OSError):  # the kernel no longer has it
+                pyfuse3.invalidate_entry(parent, name)
+        for ino in inodes:
+            with contextlib.suppress(OSError):
+                pyfuse3.invalidate_inode(ino, False)
 
     async def _drop_pages(self, inode: int) -> None:
         # in a thread: the kernel may wait for page locks held by readers

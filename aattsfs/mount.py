@@ -518,6 +518,7 @@ async def _serve(store: Store, ops: Operations, prefetcher: Prefetcher, cfg: Mou
     async with trio.open_nursery() as nursery:
         await nursery.start(store.run)
         await nursery.start(prefetcher.run)
+        nursery.start_soon(ops.invalidate_changes)
 
         async def watch_signals():
             nonlocal stopped_by_signal

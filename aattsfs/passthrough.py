@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 MODES = ("auto", "on", "off")
 MIN_KERNEL = (6, 9)
+# A directory handle with this bit: the hooks ask the kernel to cache its
+# listing across opens (FOPEN_CACHE_DIR and FOPEN_KEEP_CACHE); without the
+# hooks the bit is just part of the number
+CACHE_DIR = 1 << 63
 
 _hooks = None
 _load_error = "not loaded"

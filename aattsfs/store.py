@@ -36,6 +36,7 @@ import errno
 import itertools
 import logging
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Container
@@ -544,6 +545,7 @@ class Stats:
     passthrough_opens: int = 0  # opens the kernel served from a fast copy itself
     passthrough_bytes: int = 0  # the sizes of the files opened so (reads are not seen)
     opens_watched: int = 0  # passthrough opens that needed no cold-tier call (watch.py)
+    kernel_invalidations: int = 0  # entries and inodes the kernel was told changed (watch.py)
 
 
 class Store:
@@ -855,6 +857,7 @@ class Store:
                 "active": self.watch is not None,
                 "reason": self.watch_reason,
                 "opens": s.opens_watched,
+                "kernel_invalidations": s.kernel_invalidations,
                 **(self.watch.snapshot() if self.watch is not None else {}),
             },
             "bypasses": s.bypasses,
@@ -920,13 +923,14 @@ class Store:
     # -- cold stats, noted for the watch (watch.py) -------------------------
 
     async def cold_stat(self, lstat: Callable[[str], os.stat_result], rel: str
-                        ) -> os.stat_result:
+                        ) -> tuple[os.stat_result, bool]:
         """lstat(rel) in a worker thread, noted for the watch: an open soon
         after may use it instead of a cold call. The directory is watched
-        first if nothing watches it yet."""
+        first if nothing watches it yet. With it, whether the watch vouches
+        for it now: the kernel may keep it longer (`vouched`)."""
         w = self.watch
         if w is None:
-            return await self.cold_call(lstat, rel)
+            return await self.cold_call(lstat, rel), False
         token = w.begin()
         parent = rel.rpartition("/")[0]
         if w.watching(parent):
@@ -936,26 +940,68 @@ class Store:
             st, wd = await self.cold_call(self._stat_watching, lstat, rel, parent)
             w.register(wd, parent)
         w.note(rel, st, token)
-        return st
+        return st, self.vouched(rel, st, token)
 
-    async def cold_opendir(self, rel: str) -> tuple[int, list[str], int | None]:
-        """cold.opendir(rel) in a worker thread, the directory watched: (fd,
-        names, the watch's registration, for cold_stat_entries)."""
+    def vouched(self, rel: str, st: os.stat_result, token: int, drain: bool = True) -> bool:
+        """Whether a change to rel since `token`, when its stat st was taken,
+        would have been seen, and none was: then the kernel may keep it for
+        watch.TRUST, since any change seen later is invalidated in the
+        kernel at once (fs.Operations.invalidate_changes). To be asked just
+        before the reply that hands it to the kernel: a change read after
+        that is invalidated after the reply."""
         w = self.watch
         if w is None:
-            return (*await self.cold_call(self.cold.opendir, rel), None)
-        if w.watching(rel):
+            return False
+        if drain:
+            w.drain()
+        if not w.unchanged(rel, token) or not w.vouches_dir(rel.rpartition("/")[0], token):
+            return False
+        return not stat.S_ISDIR(st.st_mode) or w.listing_unchanged(rel, token)
+
+    async def cold_opendir(self, rel: str) -> tuple[SharedFd, list[str], int | None, int]:
+        """cold.opendir(rel) in worker threads, the directory watched: (fd,
+        names, the watch's registration, for cold_stat_entries, and if the
+        kernel may cache the listing, the token to ask `listing_current`
+        with, else 0: the watch was there before it was read, so any change
+        to it since is seen)."""
+        w = self.watch
+        if w is None:
             fd, names = await self.cold_call(self.cold.opendir, rel)
-        else:
-            fd, names, wd = await self.cold_call(self._watched, True, self.cold.opendir, rel)
+            return SharedFd(fd), names, None, 0
+        if w.watching(rel):
+            token = w.begin()
+            fd, names = await self.cold_call(self.cold.opendir, rel)
+            return SharedFd(fd), names, w.registered(rel), \
+                token if self.listing_current(rel, token) else 0
+        # watched first, then read: a change the listing misses is seen
+        fd, wd = await self.cold_call(self._watched, True, self.cold.open_dir, rel)
+        sfd = SharedFd(fd)
+        try:
             w.register(wd, rel)
-        return fd, names, w.registered(rel)
+            token = w.begin()
+            names = await self.cold_call(in_thread(self.cold.list_dir, fds=(sfd,)))
+        except BaseException:
+            sfd.close()
+            raise
+        return sfd, names, w.registered(rel), token if self.listing_current(rel, token) else 0
+
+    def listing_current(self, rel: str, token: int) -> bool:
+        """No name in the directory rel came, went or moved since `token`, and
+        the watch would have seen it: a listing read after the token is
+        still the directory's."""
+        w = self.watch
+        if w is None:
+            return False
+        w.drain()
+        return w.vouches_dir(rel, token) and w.listing_unchanged(rel, token)
 
     async def cold_stat_entries(self, dir_fd: SharedFd, rel: str, names: list[str],
-                                watched: int | None) -> list[os.stat_result | None]:
+                                watched: int | None
+                                ) -> tuple[list[os.stat_result | None], int]:
         """cold.stat_entries of the directory open as dir_fd, noted for the
         watch only while its watch is the one registered at its opendir
-        (`watched`): a directory swapped since lists what is no longer there."""
+        (`watched`): a directory swapped since lists what is no longer there.
+        With them, the token to ask `vouched` with (0: never)."""
         w = self.watch
         token = w.begin() if w is not None and watched is not None else 0
         attrs = await self.cold_call(in_thread(self.cold.stat_entries, rel, names,
@@ -964,7 +1010,9 @@ class Store:
             for name, st in zip(names, attrs):
                 if st is not None:
                     w.note(f"{rel}/{name}" if rel else name, st, token)
-        return attrs
+        else:
+            token = 0
+        return attrs, token
 
     def _stat_watching(self, lstat: Callable[[str], os.stat_result], rel: str,
                        rel_dir: str) -> tuple[os.stat_result, int | None]:

@@ -173,12 +173,20 @@ class ColdTier:
 
     def opendir(self, rel: str) -> tuple[int, list[str]]:
         """A directory fd and the sorted names in it."""
-        fd = self._open(rel, os.O_RDONLY | os.O_DIRECTORY)
+        (fd,) = self.open_dir(rel)
         try:
-            return fd, sorted(os.listdir(fd))
+            return fd, self.list_dir(fd)
         except BaseException:
             os.close(fd)
             raise
+
+    def open_dir(self, rel: str) -> tuple[int]:
+        return (self._open(rel, os.O_RDONLY | os.O_DIRECTORY),)
+
+    @staticmethod
+    def list_dir(fd: int) -> list[str]:
+        """The sorted names in the directory open as fd."""
+        return sorted(os.listdir(fd))
 
     def stat_entries(self, dirfd: int, rel: str,
                      names: list[str]) -> list[os.stat_result | None]:

@@ -13,9 +13,11 @@ event has been read, a stat taken after the watches were registered, with
 no event for the file or a directory above it since, is still the file as
 it is: an open may use it without a cold call (docs/reliability.md,
 "Opens without a cold-tier call"). What inotify does not see, a write
-through a shared mapping, is bounded: no stat older than MAX_AGE is used
-(the kernel looks a path up again after its 1 s entry timeout, so an open
-normally follows a fresh stat anyway).
+through a shared mapping, is bounded: no stat older than MAX_AGE is used.
+
+The same knowledge lets the kernel keep entries, attributes and listings
+longer (TRUST; fs.py): every change read is handed on (`on_change`,
+`take_changes`) and invalidated in the kernel at once.
 
 Synchronous, no trio: the trio thread reads the events and asks; only
 `add` runs in worker threads (with the cold directory or file open).
@@ -37,6 +39,7 @@ import logging
 import os
 import struct
 import time
+from typing import Callable
 
 from .tiers import fs_type
 
@@ -70,7 +73,10 @@ _EVENT = struct.Struct("iIII")
 LOCAL = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "ramfs", "f2fs",
                    "bcachefs", "jfs", "reiserfs", "nilfs2", "zfs", "vfat", "exfat", "ntfs3",
                    "hfsplus"})
-MAX_AGE = 2.0  # seconds a stat is used at most (the kernel's entry timeout is 1 s)
+MAX_AGE = 2.0  # seconds a noted stat stands in for the cold file at an open
+# Seconds the kernel may cache an entry, attributes or a listing the watch
+# vouches for (fs.py); every change inotify sees invalidates them at once
+TRUST = 30.0
 MAX_WATCHES = 16384  # inotify watches this daemon places; beyond, opens check cold
 MAX_PATHS = 1 << 16  # remembered stats (and change marks) before starting over
 
@@ -91,11 +97,18 @@ class ColdWatch:
         self._files: dict[str, tuple[int, int, int]] = {}
         self._wd: dict[int, tuple[str, bool]] = {root_wd: ("", True)}  # wd -> (path, is a dir)
         self._changed: dict[str, int] = {}  # path -> generation of its last event
+        self._renamed: dict[str, int] = {}  # directory -> generation its names last changed
         self._known: dict[str, tuple[os.stat_result, int, float]] = {}  # path -> (stat, token, when)
         self._distrust_before = 0  # stats with older tokens are not trusted
         self._full_warned = False
         self.events = 0
         self.overflows = 0
+        # Paths changed since `take_changes`, for the kernel's caches; True:
+        # everything known before may have changed. `on_change` is told
+        # (on the trio thread) when some arrive.
+        self._pending: set[str] = set()
+        self._pending_all = False
+        self.on_change: Callable[[], None] = lambda: None
 
     @classmethod
     def start(cls, root: str, root_fd: int) -> "tuple[ColdWatch | None, str]":
@@ -191,17 +204,39 @@ class ColdWatch:
         self.drain()
         st, token, when = entry
         since, _, ino = self._files.get(rel, (None, 0, 0))
-        if (token <= self._distrust_before or self._changed.get(rel, 0) >= token
-                or since is None or since >= token or st.st_ino != ino
-                or time.monotonic() - when > MAX_AGE):
+        if (not self.unchanged(rel, token) or since is None or since >= token
+                or st.st_ino != ino or time.monotonic() - when > MAX_AGE
+                or not self.vouches_dir(rel.rpartition("/")[0], token)):
             self._known.pop(rel, None)
             return None
-        for d in _ancestors(rel):
-            since = self._dirs.get(d)
-            if since is None or since >= token or self._changed.get(d, 0) >= token:
-                self._known.pop(rel, None)
-                return None
         return st
+
+    def unchanged(self, rel: str, token: int) -> bool:
+        """No event for rel itself was read at or after `token` (nor since
+        everything was distrusted). The caller drains first."""
+        return token > self._distrust_before and self._changed.get(rel, 0) < token
+
+    def vouches_dir(self, rel_dir: str, token: int) -> bool:
+        """The directory rel_dir and every one above it were watched before
+        `token`, with no event for them since: a change to their names, or
+        to an entry's attributes, would have been read. The caller drains."""
+        for d in [*_ancestors(rel_dir), rel_dir] if rel_dir else [""]:
+            since = self._dirs.get(d)
+            if since is None or since >= token or not self.unchanged(d, token):
+                return False
+        return True
+
+    def listing_unchanged(self, rel_dir: str, token: int) -> bool:
+        """No name in the directory rel_dir came, went or moved at or after
+        `token` (its own attributes, its listing). The caller drains."""
+        return self.unchanged(rel_dir, token) and self._renamed.get(rel_dir, 0) < token
+
+    def take_changes(self) -> tuple[bool, set[str]]:
+        """(whether everything may have changed, the paths that did) since
+        the last call."""
+        out = self._pending_all, self._pending
+        self._pending_all, self._pending = False, set()
+        return out
 
     # -- events --------------------------------------------------------------
 
@@ -211,17 +246,19 @@ class ColdWatch:
             try:
                 buf = os.read(self.fd, 64 * 1024)
             except BlockingIOError:
-                return
+                break
             except OSError as exc:  # never: but then trust nothing
                 log.warning("reading inotify events failed (%s)", exc.strerror)
                 self._start_over()
-                return
+                break
             off = 0
             while off < len(buf):
                 wd, mask, _cookie, n = _EVENT.unpack_from(buf, off)
                 name = buf[off + _EVENT.size:off + _EVENT.size + n].rstrip(b"\0")
                 off += _EVENT.size + n
                 self._event(wd, mask, name)
+        if self._pending or self._pending_all:
+            self.on_change()
 
     def _event(self, wd: int, mask: int, name: bytes) -> None:
         self.events += 1
@@ -239,14 +276,16 @@ class ColdWatch:
             del self._wd[wd]
             (self._dirs if is_dir else self._files).pop(d, None)
         if not is_dir:  # written, truncated, linked, renamed: through any name
-            self._changed[d] = self.gen
+            self._mark(d)
             self._known.pop(d, None)
             return
         if mask & SELF or not name:
             self._forget(d, True)
             return
         rel = f"{d}/{os.fsdecode(name)}" if d else os.fsdecode(name)
-        self._changed[rel] = self.gen
+        self._mark(rel)
+        if mask & NAMING:
+            self._renamed[d] = self.gen
         self._known.pop(rel, None)
         if mask & IN_ISDIR:
             self._forget(rel, True)
@@ -259,7 +298,7 @@ class ColdWatch:
     def _forget(self, rel: str, is_dir: bool) -> None:
         """rel, and for a directory everything below it: changed, and not
         trusted through its old watch again (until registered again)."""
-        self._changed[rel] = self.gen
+        self._mark(rel)
         self._known.pop(rel, None)
         if not is_dir:
             self._files.pop(rel, None)
@@ -269,9 +308,15 @@ class ColdWatch:
             if d:  # the root's watch lives as long as the mount
                 del self._dirs[d]
 
+    def _mark(self, rel: str) -> None:
+        self._changed[rel] = self.gen
+        self._pending.add(rel)
+
     def _start_over(self) -> None:
+        self._pending_all = True
         self._distrust_before = self.gen
         self._changed.clear()
+        self._renamed.clear()
         self._known.clear()
 
     def snapshot(self) -> dict:

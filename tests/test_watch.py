@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
+import signal
+import stat
 import time
 from pathlib import Path
 
 import pytest
 
 from aattsfs import passthrough
-from aattsfs.watch import ColdWatch
-from conftest import MiB, write_random
+from aattsfs.watch import MAX_AGE, ColdWatch
+from conftest import MiB, wait_for, write_random
 
 KERNEL_TOO_OLD = passthrough._kernel_ok()
 pytestmark = pytest.mark.skipif(bool(KERNEL_TOO_OLD), reason=KERNEL_TOO_OLD)
@@ -138,14 +141,91 @@ def test_the_next_open_sees_every_change(change, cold, mounter):
             m.wait_tier(rel)
 
 
-def test_the_first_open_after_a_promotion_needs_no_cold_call(cold, mounter):
-    """The file is watched from its commit on: once the kernel's entry has
-    expired and a lookup has taken a fresh stat, the very next open of the
-    promoted file goes without a cold-tier call."""
+def _view(root: Path) -> dict:
+    """Every path below root with its type, mode and size (lstat)."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(dirpath) / name
+            try:
+                st = p.lstat()
+            except FileNotFoundError:  # removed since it was listed: not in the view
+                continue
+            out[str(p.relative_to(root))] = (st.st_mode, 0 if stat.S_ISDIR(st.st_mode)
+                                             else st.st_size)
+    return out
+
+
+def _requests(m, since: int) -> list[str]:
+    """The lookups, attribute requests and listings the daemon answered
+    since log offset `since` (it logs each request at debug level)."""
+    with open(m.log, "rb") as f:
+        f.seek(since)
+        text = f.read().decode(errors="replace")
+    return re.findall(r"\b(lookup|getattr|readdir)\(", text)
+
+
+def test_the_kernel_keeps_what_the_watch_vouches_for_and_forgets_each_change(cold, mounter):
+    """With the watch on, entries, attributes and listings the watch vouches
+    for are kept by the kernel for watch.TRUST (30 s): a walk a few seconds
+    after the last needs no lookup and no listing from the daemon (with the
+    default 1 s it would ask for each). Every change made
+    to the cold tree then shows through the mount long before that, since
+    the daemon invalidates what the kernel keeps as soon as the event
+    arrives; and every byte read is the cold file's."""
+    (cold / "m" / "sub").mkdir()
+    write_random(cold / "m" / "sub" / "a.bin", 5000, 9)
+    m = mounter(cold, extra=["--log-level", "debug"])
+    assert m.stats()["cold_watch"]["active"], m.stats()["cold_watch"]
+    for _ in range(2):  # the first walk places the watches, the second is vouched for
+        assert _view(m.path("m")) == _view(cold / "m")
+    time.sleep(1.5)  # the kernel's default timeout has passed
+    since = m.log.stat().st_size
+    _view(m.path("m"))
+    asked = _requests(m, since)
+    # only each directory's attributes (the kernel refreshes a directory's
+    # atime after listing it, on a mount that is not read-only)
+    assert asked.count("getattr") <= 2 and "lookup" not in asked and "readdir" not in asked, \
+        f"the kernel asked the daemon again: {asked}"
+    # reclaim drops the kept listings: the daemon, which opened the
+    # directories without reading them, reads them when the kernel asks
+    Path("/proc/sys/vm/drop_caches").write_text("1")
+    since = m.log.stat().st_size
+    assert _view(m.path("m")) == _view(cold / "m")
+    assert "readdir" in _requests(m, since)
+    rng = random.Random(3)
+    changes = [
+        ("a file created", lambda: write_random(cold / "m" / "new.bin", 3000, 4)),
+        ("a file removed", lambda: (cold / FILES[1]).unlink()),
+        ("a file replaced by rename", lambda: (write_random(cold / "m" / "x.tmp", 7000, 5),
+                                               os.rename(cold / "m" / "x.tmp", cold / FILES[2]))),
+        ("a file appended to", lambda: open(cold / FILES[3], "ab").write(rng.randbytes(999))),
+        ("a mode changed", lambda: os.chmod(cold / FILES[0], 0o600)),
+        ("a directory made", lambda: (cold / "m" / "d2").mkdir()),
+        ("a directory renamed", lambda: os.rename(cold / "m" / "sub", cold / "m" / "sub2")),
+        ("a file in it rewritten", lambda: write_random(cold / "m" / "sub2" / "a.bin", 100, 6)),
+    ]
+    for what, change in changes:
+        _view(m.path("m"))  # the kernel holds the old view
+        change()
+        wait_for(lambda: _view(m.path("m")) == _view(cold / "m"), timeout=10,
+                 what=f"{what} shown through the mount")
+        for rel in _view(cold / "m"):
+            if (cold / "m" / rel).is_file():
+                read_checked(m, cold, f"m/{rel}")
+
+
+def test_an_open_soon_after_a_checked_one_needs_no_cold_call(cold, mounter):
+    """The file is watched from its commit on. The kernel keeps its entry
+    (watch.TRUST), so no lookup takes a fresh stat any more: once the noted
+    stats are older than watch.MAX_AGE, an open checks the cold file, and
+    the stat it takes lets the very next open go without a cold-tier call."""
     m = mounter(cold, extra=["--passthrough", "on"])
     promote(m, cold)
-    time.sleep(1.1)  # past the kernel's entry timeout: the open below looks it up first
+    time.sleep(MAX_AGE + 0.1)
     before = watched_opens(m)
+    read_checked(m, cold, FILES[2])
+    assert watched_opens(m) == before
     read_checked(m, cold, FILES[2])
     assert watched_opens(m) == before + 1
 
@@ -188,9 +268,13 @@ def test_an_overflowed_event_queue_trusts_nothing_it_knew(cold, mounter):
     storm = [cold / "m" / "storm0", cold / "m" / "storm1"]
     for p in storm:
         p.write_bytes(b"")
-    for i in range(limit + 1000):  # alternating: inotify merges an event with the last one
-        os.utime(storm[i % 2], (i, i))
-    _rewrite(cold, FILES[1], random.Random(1))  # its events are lost: the queue is full
+    os.kill(m.proc.pid, signal.SIGSTOP)  # the daemon reads events as they come: hold it
+    try:
+        for i in range(limit + 1000):  # alternating: inotify merges an event with the last one
+            os.utime(storm[i % 2], (i, i))
+        _rewrite(cold, FILES[1], random.Random(1))  # its events are lost: the queue is full
+    finally:
+        os.kill(m.proc.pid, signal.SIGCONT)
     for rel in FILES:
         read_checked(m, cold, rel)
     assert m.stats()["cold_watch"]["overflows"] >= 1
