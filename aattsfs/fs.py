@@ -6,6 +6,7 @@ FUSEError can escape it (anything else would end pyfuse3's main loop).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import errno
@@ -31,6 +32,27 @@ from .watch import TRUST
 log = logging.getLogger(__name__)
 
 READDIR_BATCH = 256  # entries lstat'ed per worker-thread call
+COALESCE = 0.01  # seconds between rounds of cold-watch events read and invalidated
+_UNREAD = object()  # an entry's attributes, not lstat'ed yet
+
+
+def _cookie(name: bytes) -> int:
+    """An entry's position in its directory's listing (the readdir offset),
+    the same in every reading of the directory for the daemon's life: a
+    reader whose listing is continued from a newer reading (the kernel's
+    cached copy dropped or invalidated midway) neither repeats nor skips an
+    entry that did not change. 1 is the control directory's; 0 the start."""
+    return (hash(name) & ((1 << 62) - 1)) + 2
+
+
+def _ordered(names: list[bytes]) -> tuple[list[bytes], list[int]]:
+    """names in listing order, and their offsets (`_cookie`; one of two
+    names whose cookies collide moves up by one)."""
+    pairs = sorted((_cookie(n), n) for n in names)
+    offs: list[int] = []
+    for off, _ in pairs:
+        offs.append(max(off, offs[-1] + 1) if offs else off)
+    return [n for _, n in pairs], offs
 STALE_AFTER = 0.5  # seconds getattr waits for the cold tier before answering from memory
 OTHERS_SHARE = 0.5  # of the budget other users' passthrough opens may hold (OpenModes)
 
@@ -48,7 +70,8 @@ class _Dir:
     rel: str
     fd: SharedFd | None
     names: list[bytes] | None  # None: not read yet (the kernel has a cached listing)
-    attrs: list = dataclasses.field(default_factory=list)
+    offs: list[int] = dataclasses.field(default_factory=list)  # readdir offsets, ascending
+    attrs: list = dataclasses.field(default_factory=list)  # or _UNREAD
     watched: int | None = None  # its watch's registration at opendir (store.cold_opendir)
     tokens: list = dataclasses.field(default_factory=list)  # per attribute (store.vouched)
     ino: int = 0
@@ -91,6 +114,7 @@ class Operations(pyfuse3.Operations):
         self._versions: dict[int, tuple] = {}  # ino -> version at last open (page cache)
         # directory ino -> token of the listing the kernel may cache (opendir)
         self._listed: dict[int, int] = {}
+        self._kept: set[str] = set()  # paths whose entry and attributes it may keep
         self._stats: dict[int, os.stat_result] = {}  # ino -> attributes last seen
         self._started_ns = time.time_ns()
         self._warned_ro = False
@@ -165,7 +189,7 @@ class Operations(pyfuse3.Operations):
             st, timeout = await self._fresh_or_known(ino, self.cold.visible_lstat)
         else:
             st, vouched = await self.store.cold_stat(self.cold.visible_lstat, rel)
-            timeout = TRUST if vouched else None
+            timeout = self._keep(rel, vouched)
         ino = self.ns.lookup(rel, ident_of(st))
         self._stats[ino] = st
         return self._attr(ino, st, timeout)
@@ -174,10 +198,13 @@ class Operations(pyfuse3.Operations):
     async def forget(self, inode_list):
         for ino, n in inode_list:
             if ino not in control.CONTROL_INOS:
+                rel = self.ns.path(ino) if ino in self.ns else None
                 self.ns.forget(ino, n)
                 if ino not in self.ns:
                     self._versions.pop(ino, None)
                     self._listed.pop(ino, None)
+                    if rel is not None and self.ns.known(rel) is None:
+                        self._kept.discard(rel)
                     self._stats.pop(ino, None)
 
     @_handler
@@ -203,8 +230,9 @@ class Operations(pyfuse3.Operations):
         directory. Names never seen still wait."""
         known = self._stats.get(ino)
         with trio.move_on_after(STALE_AFTER if known is not None else math.inf):
-            st, vouched = await self.store.cold_stat(lstat, self.ns.path(ino))
-            return st, TRUST if vouched else None
+            rel = self.ns.path(ino)
+            st, vouched = await self.store.cold_stat(lstat, rel)
+            return st, self._keep(rel, vouched)
         log.debug("cold tier slow: attributes of %s served as last seen", self.ns.path(ino))
         return known, 0
 
@@ -226,7 +254,8 @@ class Operations(pyfuse3.Operations):
     async def opendir(self, inode, ctx):
         fh = self._new_fh()
         if inode == control.CONTROL_DIR_INO:
-            self._dirs[fh] = _Dir("", None, [n.encode() for n in control.CONTROL_FILES],
+            names = [n.encode() for n in control.CONTROL_FILES]
+            self._dirs[fh] = _Dir("", None, names, list(range(1, len(names) + 1)),
                                   [self._control_attr(ino) for ino in control.CONTROL_FILES.values()])
             return fh
         rel = self.ns.path(inode)
@@ -246,46 +275,50 @@ class Operations(pyfuse3.Operations):
         """The cold directory rel read now; noted in _listed if the kernel
         may cache the listing."""
         fd, names, watched, listed = await self.store.cold_opendir(rel)
-        d = _Dir(rel, fd, [os.fsencode(n) for n in names], watched=watched)
         if listed:
             self._listed[inode] = listed
         else:
             self._listed.pop(inode, None)
-        if inode == ROOT:
-            d.names = [n for n in d.names if n != control.CONTROL_NAME.encode()]
-            d.names.insert(0, control.CONTROL_NAME.encode())
-            d.attrs.append(self._control_attr(control.CONTROL_DIR_INO))
-            d.tokens.append(0)
-        return d
+        hidden = control.CONTROL_NAME.encode() if inode == ROOT else None
+        names, offs = _ordered([n for n in map(os.fsencode, names) if n != hidden])
+        attrs: list = [_UNREAD] * len(names)
+        if hidden:
+            names, offs = [hidden, *names], [1, *offs]
+            attrs.insert(0, self._control_attr(control.CONTROL_DIR_INO))
+        return _Dir(rel, fd, names, offs, attrs, watched, [0] * len(names), inode)
 
     @_handler
     async def readdir(self, fh, start_id, token):
         d = self._dirs[fh]
         if d.names is None:  # the kernel's listing was dropped after all: read it now
             listed = await self._list(d.ino, d.rel)
-            d.fd, d.names, d.attrs, d.tokens, d.watched = (
-                listed.fd, listed.names, listed.attrs, listed.tokens, listed.watched)
+            d.fd, d.names, d.offs, d.attrs, d.tokens, d.watched = (
+                listed.fd, listed.names, listed.offs, listed.attrs, listed.tokens,
+                listed.watched)
         drained = False  # events read since the last await (store.vouched)
-        for i in range(start_id, len(d.names)):
-            if i >= len(d.attrs):  # lstat the next batch, off the trio thread
-                batch = [os.fsdecode(n) for n in d.names[i:i + READDIR_BATCH]]
-                attrs, since = await self.store.cold_stat_entries(d.fd, d.rel, batch, d.watched)
-                d.attrs += attrs
-                d.tokens += [since] * len(attrs)
+        for i in range(bisect.bisect_right(d.offs, start_id), len(d.names)):
+            if d.attrs[i] is _UNREAD:  # lstat the next batch, off the trio thread
+                end = i + 1
+                while end < min(len(d.names), i + READDIR_BATCH) and d.attrs[end] is _UNREAD:
+                    end += 1
+                batch = [os.fsdecode(n) for n in d.names[i:end]]
+                d.attrs[i:end], since = await self.store.cold_stat_entries(
+                    d.fd, d.rel, batch, d.watched)
+                d.tokens[i:end] = [since] * (end - i)
                 drained = False
             name, attr = d.names[i], d.attrs[i]
             if attr is None:
                 continue  # vanished since opendir, or hidden
             if isinstance(attr, pyfuse3.EntryAttributes):  # the control directory
-                if not pyfuse3.readdir_reply(token, name, attr, i + 1):
+                if not pyfuse3.readdir_reply(token, name, attr, d.offs[i]):
                     return
                 continue
             rel = self._join(d.rel, name)
             ino = self.ns.ino(rel, ident_of(attr))
             vouched = d.tokens[i] and self.store.vouched(rel, attr, d.tokens[i], not drained)
             drained = drained or bool(d.tokens[i])
-            if pyfuse3.readdir_reply(token, name, self._attr(ino, attr, TRUST if vouched else None),
-                                     i + 1):
+            if pyfuse3.readdir_reply(token, name, self._attr(ino, attr, self._keep(rel, vouched)),
+                                     d.offs[i]):
                 self.ns.lookup(rel, ident_of(attr))
                 self._stats[ino] = attr
             else:
@@ -369,10 +402,12 @@ class Operations(pyfuse3.Operations):
 
     async def invalidate_changes(self) -> None:
         """Run for the life of the mount with the cold watch on: whatever the
-        kernel keeps of a path the watch saw change (its entry, attributes,
-        its directory's listing: kept for watch.TRUST where the watch
-        vouched for them) is invalidated in the kernel as soon as the event
-        is read, so a change inotify sees shows through the mount at once."""
+        kernel was allowed to keep for watch.TRUST of a path the watch saw
+        change (its entry and attributes, its directory's listing) is
+        invalidated in the kernel as soon as the event is read, so a change
+        inotify sees shows through the mount at once. What it keeps for the
+        default 1 s is left to expire: a storm of changes to a path nothing
+        vouches for costs nothing here but reading the events."""
         w = self.store.watch
         if w is None:
             return
@@ -384,7 +419,13 @@ class Operations(pyfuse3.Operations):
         async def read_events() -> None:  # events no open or lookup reads
             while True:
                 await trio.lowlevel.wait_readable(w.fd)
-                w.drain()
+                # only while the kernel keeps something, and at most every
+                # COALESCE: a storm of changes must not take the thread that
+                # answers the kernel (a flooded queue is taken as overflowed:
+                # everything is invalidated, which stays correct)
+                if self._kept or self._listed:
+                    w.drain()
+                await trio.sleep(COALESCE)
 
         w.on_change = wake
         async with trio.open_nursery() as nursery:
@@ -393,27 +434,48 @@ class Operations(pyfuse3.Operations):
                 await changed.wait()
                 changed = trio.Event()
                 everything, paths = w.take_changes()
-                todo = self._kernel_views(self.ns.known_paths() if everything else paths)
-                self.store.stats.kernel_invalidations += len(todo[0]) + len(todo[1])
-                # in a thread: the kernel may wait for requests in flight on
-                # the entry, which this (trio) thread answers
-                await trio.to_thread.run_sync(self._invalidate, *todo, abandon_on_cancel=True)
+                entries, inodes = self._kept_views(everything, paths)
+                if entries or inodes:
+                    self.store.stats.kernel_invalidations += len(entries) + len(inodes)
+                    # in a thread: the kernel may wait for requests in flight
+                    # on the entry, which this (trio) thread answers
+                    await trio.to_thread.run_sync(self._invalidate, entries, inodes,
+                                                  abandon_on_cancel=True)
+                await trio.sleep(COALESCE)
 
-    def _kernel_views(self, paths) -> tuple[set, set]:
-        """(entries as (parent inode, name), inodes) the kernel may keep of
-        `paths`: their entries and attributes, and their directories'
-        listings and attributes."""
+    def _keep(self, rel: str, vouched: bool) -> float | None:
+        """The timeout of a reply about rel: watch.TRUST if the watch vouched
+        for it (then rel is noted, to be invalidated when it changes), else
+        the default."""
+        if not vouched:
+            return None
+        self._kept.add(rel)
+        return TRUST
+
+    def _kept_views(self, everything: bool, paths: set[str]) -> tuple[set, set]:
+        """What the kernel was let keep of `paths` (all, if `everything`), no
+        longer to be kept: (entries as (parent inode, name), inodes whose
+        attributes or listing go)."""
+        if everything:
+            paths = set(self._kept) | {self.ns.path(i) for i in self._listed if i in self.ns}
         entries, inodes = set(), set()
         for rel in paths:
-            if rel:
-                parent, _, name = rel.rpartition("/")
-                p = ROOT if not parent else self.ns.known(parent)
-                if p is not None:
-                    entries.add((p, os.fsencode(name)))
-                    inodes.add(p)
+            parent, _, name = rel.rpartition("/")
+            p = ROOT if not parent else self.ns.known(parent)
             ino = ROOT if not rel else self.ns.known(rel)
-            if ino is not None:
-                inodes.add(ino)
+            if rel in self._kept:
+                self._kept.discard(rel)
+                if rel and p is not None:
+                    entries.add((p, os.fsencode(name)))
+                if ino is not None:
+                    inodes.add(ino)
+            if ino is not None and self._listed.pop(ino, None) is not None:
+                inodes.add(ino)  # a directory whose listing the kernel keeps
+            if rel and p is not None:  # the directory holding it: listing, mtime
+                kept, listed = parent in self._kept, self._listed.pop(p, None) is not None
+                if kept or listed:
+                    self._kept.discard(parent)
+                    inodes.add(p)
         return entries, inodes
 
     @staticmethod

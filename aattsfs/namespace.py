@@ -56,10 +56,6 @@ class Namespace:
         ino = self._ino.get(rel)
         return ino if ino in self._lookups else None
 
-    def known_paths(self) -> list[str]:
-        """Every path whose current number the kernel holds."""
-        return [rel for rel, ino in self._ino.items() if ino in self._lookups]
-
     def lookup(self, rel: str, ident: Hashable | None = None) -> int:
         """The kernel learned of rel: count one reference."""
         ino = self.ino(rel, ident)

@@ -956,7 +956,12 @@ class Store:
             w.drain()
         if not w.unchanged(rel, token) or not w.vouches_dir(rel.rpartition("/")[0], token):
             return False
-        return not stat.S_ISDIR(st.st_mode) or w.listing_unchanged(rel, token)
+        if stat.S_ISDIR(st.st_mode):
+            return w.listing_unchanged(rel, token)
+        # a file with other names may be written through one that no watched
+        # directory holds (a file's own watch, which would see it, is placed
+        # only on promoted files: not asked for here)
+        return st.st_nlink == 1
 
     async def cold_opendir(self, rel: str) -> tuple[SharedFd, list[str], int | None, int]:
         """cold.opendir(rel) in worker threads, the directory watched: (fd,

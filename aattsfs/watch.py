@@ -79,6 +79,7 @@ MAX_AGE = 2.0  # seconds a noted stat stands in for the cold file at an open
 TRUST = 30.0
 MAX_WATCHES = 16384  # inotify watches this daemon places; beyond, opens check cold
 MAX_PATHS = 1 << 16  # remembered stats (and change marks) before starting over
+MAX_READS = 16  # reads of the event queue in one drain (64 KiB each)
 
 
 def _ancestors(rel: str) -> list[str]:
@@ -241,8 +242,10 @@ class ColdWatch:
     # -- events --------------------------------------------------------------
 
     def drain(self) -> None:
-        """Read every pending event."""
-        while True:
+        """Read the pending events. A queue not empty after MAX_READS reads
+        (more than the kernel queues at once) is being filled as fast as it
+        is read: taken as overflowed, so that no caller reads forever."""
+        for _ in range(MAX_READS):
             try:
                 buf = os.read(self.fd, 64 * 1024)
             except BlockingIOError:
@@ -257,6 +260,9 @@ class ColdWatch:
                 name = buf[off + _EVENT.size:off + _EVENT.size + n].rstrip(b"\0")
                 off += _EVENT.size + n
                 self._event(wd, mask, name)
+        else:
+            self.overflows += 1
+            self._start_over()
         if self._pending or self._pending_all:
             self.on_change()
 
