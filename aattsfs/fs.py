@@ -295,7 +295,7 @@ class Operations(pyfuse3.Operations):
             d.fd, d.names, d.offs, d.attrs, d.tokens, d.watched = (
                 listed.fd, listed.names, listed.offs, listed.attrs, listed.tokens,
                 listed.watched)
-        drained = False  # events read since the last await (store.vouched)
+        vouched_dir: dict[int, bool] = {}  # per token, since the last await
         for i in range(bisect.bisect_right(d.offs, start_id), len(d.names)):
             if d.attrs[i] is _UNREAD:  # lstat the next batch, off the trio thread
                 end = i + 1
@@ -305,7 +305,7 @@ class Operations(pyfuse3.Operations):
                 d.attrs[i:end], since = await self.store.cold_stat_entries(
                     d.fd, d.rel, batch, d.watched)
                 d.tokens[i:end] = [since] * (end - i)
-                drained = False
+                vouched_dir = {}
             name, attr = d.names[i], d.attrs[i]
             if attr is None:
                 continue  # vanished since opendir, or hidden
@@ -315,8 +315,10 @@ class Operations(pyfuse3.Operations):
                 continue
             rel = self._join(d.rel, name)
             ino = self.ns.ino(rel, ident_of(attr))
-            vouched = d.tokens[i] and self.store.vouched(rel, attr, d.tokens[i], not drained)
-            drained = drained or bool(d.tokens[i])
+            since = d.tokens[i]
+            if since and since not in vouched_dir:
+                vouched_dir[since] = self.store.vouched_dir(d.rel, since)
+            vouched = since and vouched_dir[since] and self.store.vouched_entry(rel, attr, since)
             if pyfuse3.readdir_reply(token, name, self._attr(ino, attr, self._keep(rel, vouched)),
                                      d.offs[i]):
                 self.ns.lookup(rel, ident_of(attr))

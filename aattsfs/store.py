@@ -942,19 +942,29 @@ class Store:
         w.note(rel, st, token)
         return st, self.vouched(rel, st, token)
 
-    def vouched(self, rel: str, st: os.stat_result, token: int, drain: bool = True) -> bool:
+    def vouched(self, rel: str, st: os.stat_result, token: int) -> bool:
         """Whether a change to rel since `token`, when its stat st was taken,
         would have been seen, and none was: then the kernel may keep it for
         watch.TRUST, since any change seen later is invalidated in the
         kernel at once (fs.Operations.invalidate_changes). To be asked just
         before the reply that hands it to the kernel: a change read after
         that is invalidated after the reply."""
+        return self.vouched_dir(rel.rpartition("/")[0], token) and \
+            self.vouched_entry(rel, st, token)
+
+    def vouched_dir(self, rel_dir: str, token: int) -> bool:
+        """The first half of `vouched`, for every entry of rel_dir at once
+        (the pending events read first)."""
         w = self.watch
         if w is None:
             return False
-        if drain:
-            w.drain()
-        if not w.unchanged(rel, token) or not w.vouches_dir(rel.rpartition("/")[0], token):
+        w.drain()
+        return w.vouches_dir(rel_dir, token)
+
+    def vouched_entry(self, rel: str, st: os.stat_result, token: int) -> bool:
+        """The second half of `vouched`, just after `vouched_dir` said yes."""
+        w = self.watch
+        if not w.unchanged(rel, token):
             return False
         if stat.S_ISDIR(st.st_mode):
             return w.listing_unchanged(rel, token)
