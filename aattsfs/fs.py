@@ -57,11 +57,17 @@ STALE_AFTER = 0.5  # seconds getattr waits for the cold tier before answering fr
 OTHERS_SHARE = 0.5  # of the budget other users' passthrough opens may hold (OpenModes)
 
 
-def ident_of(st: os.stat_result) -> tuple[int, int]:
+def ident_of(st: os.stat_result) -> tuple[int, int, int]:
     """What one inode number of the mount stands for: a cold file *as it
-    is* (its inode and ctime: a change in place, or a freed inode number
-    the cold filesystem gives to a new file, makes another), or a directory."""
-    return st.st_ino, st.st_ctime_ns if stat.S_ISREG(st.st_mode) else 0
+    is* (its inode, ctime and size: a change in place, or a freed inode
+    number the cold filesystem gives to a new file, makes another), or a
+    directory. The size too, though a change moves the ctime: two changes
+    within one tick of a coarse clock may leave it where it was, and the
+    kernel must never hold a size other than the one an open of that
+    number found, or it zero-fills a read the file is now too short for."""
+    if not stat.S_ISREG(st.st_mode):
+        return st.st_ino, 0, 0
+    return st.st_ino, st.st_ctime_ns, st.st_size
 
 
 @dataclasses.dataclass
