@@ -217,6 +217,11 @@ class Operations(pyfuse3.Operations):
     async def getattr(self, inode, ctx=None):
         if inode in control.CONTROL_INOS:
             return self._control_attr(inode)
+        rel = self.ns.path(inode)
+        st = self.store.known_dir(rel)
+        if st is not None and self.ns.ident(inode) in (None, ident_of(st)):
+            self._stats[inode] = st
+            return self._attr(inode, st, self._keep(rel, True))
         st, timeout = await self._fresh_or_known(inode, self.cold.lstat)
         if timeout != 0 and self.ns.ident(inode) not in (None, ident_of(st)):
             # The path names another file now; this inode stands for the old

@@ -952,6 +952,12 @@ class Store:
         return self.vouched_dir(rel.rpartition("/")[0], token) and \
             self.vouched_entry(rel, st, token)
 
+    def known_dir(self, rel: str) -> os.stat_result | None:
+        """A directory's attributes as last seen, if the watch vouches that
+        nothing changed them since (no cold call: a warm walk asks for each
+        directory's attributes after listing it)."""
+        return self.watch.known_dir(rel) if self.watch is not None else None
+
     def vouched_dir(self, rel_dir: str, token: int) -> bool:
         """The first half of `vouched`, for every entry of rel_dir at once
         (the pending events read first)."""

@@ -37,6 +37,7 @@ import ctypes
 import errno
 import logging
 import os
+import stat
 import struct
 import time
 from typing import Callable
@@ -211,6 +212,19 @@ class ColdWatch:
             self._known.pop(rel, None)
             return None
         return st
+
+    def known_dir(self, rel: str) -> os.stat_result | None:
+        """The directory rel's last noted stat if the watch would have seen
+        any change to it since (its attributes change only through events
+        on its own watch or on its names), and none came."""
+        entry = self._known.get(rel)
+        if entry is None or not stat.S_ISDIR(entry[0].st_mode):
+            return None
+        self.drain()
+        st, token, _ = entry
+        if self.vouches_dir(rel, token) and self.listing_unchanged(rel, token):
+            return st
+        return None
 
     def unchanged(self, rel: str, token: int) -> bool:
         """No event for rel itself was read at or after `token` (nor since

@@ -211,6 +211,7 @@ def test_the_kernel_keeps_what_the_watch_vouches_for_and_forgets_each_change(col
         ("a directory made", lambda: (cold / "m" / "d2").mkdir()),
         ("a directory renamed", lambda: os.rename(cold / "m" / "sub", cold / "m" / "sub2")),
         ("a file in it rewritten", lambda: write_random(cold / "m" / "sub2" / "a.bin", 100, 6)),
+        ("a directory's mode changed", lambda: os.chmod(cold / "m" / "sub2", 0o700)),
     ]
     for what, change in changes:
         _view(m.path("m"))  # the kernel holds the old view
