@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 READDIR_BATCH = 256  # entries lstat'ed per worker-thread call
 COALESCE = 0.01  # seconds between rounds of cold-watch events read and invalidated
+STALE_AFTER = 0.5  # seconds getattr waits for the cold tier before answering from memory
+OTHERS_SHARE = 0.5  # of the budget other users' passthrough opens may hold (OpenModes)
 _UNREAD = object()  # an entry's attributes, not lstat'ed yet
 
 
@@ -53,8 +55,6 @@ def _ordered(names: list[bytes]) -> tuple[list[bytes], list[int]]:
     for off, _ in pairs:
         offs.append(max(off, offs[-1] + 1) if offs else off)
     return [n for _, n in pairs], offs
-STALE_AFTER = 0.5  # seconds getattr waits for the cold tier before answering from memory
-OTHERS_SHARE = 0.5  # of the budget other users' passthrough opens may hold (OpenModes)
 
 
 def ident_of(st: os.stat_result) -> tuple[int, int, int]:
@@ -302,10 +302,7 @@ class Operations(pyfuse3.Operations):
     async def readdir(self, fh, start_id, token):
         d = self._dirs[fh]
         if d.names is None:  # the kernel's listing was dropped after all: read it now
-            listed = await self._list(d.ino, d.rel)
-            d.fd, d.names, d.offs, d.attrs, d.tokens, d.watched = (
-                listed.fd, listed.names, listed.offs, listed.attrs, listed.tokens,
-                listed.watched)
+            d = self._dirs[fh] = await self._list(d.ino, d.rel)
         vouched_dir: dict[int, bool] = {}  # per token, since the last await
         for i in range(bisect.bisect_right(d.offs, start_id), len(d.names)):
             if d.attrs[i] is _UNREAD:  # lstat the next batch, off the trio thread

@@ -973,7 +973,9 @@ class Store:
         if not w.unchanged(rel, token):
             return False
         if stat.S_ISDIR(st.st_mode):
-            return w.listing_unchanged(rel, token)
+            # what a directory holds changes its attributes: only its own
+            # watch sees that
+            return w.vouches_listing(rel, token)
         # a file with other names may be written through one that no watched
         # directory holds (a file's own watch, which would see it, is placed
         # only on promoted files: not asked for here)
@@ -995,7 +997,8 @@ class Store:
             return SharedFd(fd), names, w.registered(rel), \
                 token if self.listing_current(rel, token) else 0
         # watched first, then read: a change the listing misses is seen
-        fd, wd = await self.cold_call(self._watched, True, self.cold.open_dir, rel)
+        fd, wd = await self.cold_call(self._watched, True,
+                                      lambda r: (self.cold.open_dir(r),), rel)
         sfd = SharedFd(fd)
         try:
             w.register(wd, rel)
@@ -1014,7 +1017,7 @@ class Store:
         if w is None:
             return False
         w.drain()
-        return w.vouches_dir(rel, token) and w.listing_unchanged(rel, token)
+        return w.vouches_listing(rel, token)
 
     async def cold_stat_entries(self, dir_fd: SharedFd, rel: str, names: list[str],
                                 watched: int | None

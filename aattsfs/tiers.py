@@ -173,15 +173,15 @@ class ColdTier:
 
     def opendir(self, rel: str) -> tuple[int, list[str]]:
         """A directory fd and the sorted names in it."""
-        (fd,) = self.open_dir(rel)
+        fd = self.open_dir(rel)
         try:
             return fd, self.list_dir(fd)
         except BaseException:
             os.close(fd)
             raise
 
-    def open_dir(self, rel: str) -> tuple[int]:
-        return (self._open(rel, os.O_RDONLY | os.O_DIRECTORY),)
+    def open_dir(self, rel: str) -> int:
+        return self._open(rel, os.O_RDONLY | os.O_DIRECTORY)
 
     @staticmethod
     def list_dir(fd: int) -> list[str]:

@@ -222,9 +222,7 @@ class ColdWatch:
             return None
         self.drain()
         st, token, _ = entry
-        if self.vouches_dir(rel, token) and self.listing_unchanged(rel, token):
-            return st
-        return None
+        return st if self.vouches_listing(rel, token) else None
 
     def unchanged(self, rel: str, token: int) -> bool:
         """No event for rel itself was read at or after `token` (nor since
@@ -241,10 +239,11 @@ class ColdWatch:
                 return False
         return True
 
-    def listing_unchanged(self, rel_dir: str, token: int) -> bool:
-        """No name in the directory rel_dir came, went or moved at or after
-        `token` (its own attributes, its listing). The caller drains."""
-        return self.unchanged(rel_dir, token) and self._renamed.get(rel_dir, 0) < token
+    def vouches_listing(self, rel_dir: str, token: int) -> bool:
+        """`vouches_dir`, and no name in rel_dir came, went or moved at or
+        after `token`: its listing, and its own attributes (link count,
+        mtime), are as they were then. The caller drains."""
+        return self.vouches_dir(rel_dir, token) and self._renamed.get(rel_dir, 0) < token
 
     def take_changes(self) -> tuple[bool, set[str]]:
         """(whether everything may have changed, the paths that did) since

@@ -175,6 +175,7 @@ def test_the_kernel_keeps_what_the_watch_vouches_for_and_forgets_each_change(col
     arrives; and every byte read is the cold file's."""
     (cold / "m" / "sub").mkdir()
     write_random(cold / "m" / "sub" / "a.bin", 5000, 9)
+    (cold / "lone").mkdir()
     other = cold.parent / "outside" / "f0-link"
     other.parent.mkdir()
     os.link(cold / FILES[0], other)  # a second name, in no watched directory
@@ -182,6 +183,10 @@ def test_the_kernel_keeps_what_the_watch_vouches_for_and_forgets_each_change(col
     assert m.stats()["cold_watch"]["active"], m.stats()["cold_watch"]
     for _ in range(2):  # the first walk places the watches, the second is vouched for
         assert _view(m.path("m")) == _view(cold / "m")
+        # a directory's entry is kept long only once the directory is
+        # watched (its own watch sees what changes its attributes): the
+        # entries the first walk got expire, and the second looks them up
+        time.sleep(1.1)
     time.sleep(1.5)  # the kernel's default timeout has passed
     since = m.log.stat().st_size
     _view(m.path("m"))
@@ -221,6 +226,13 @@ def test_the_kernel_keeps_what_the_watch_vouches_for_and_forgets_each_change(col
         for rel in _view(cold / "m"):
             if (cold / "m" / rel).is_file():
                 read_checked(m, cold, f"m/{rel}")
+    # a directory only looked up, never listed, has no watch: what it holds
+    # may change unseen (and with it its link count and mtime), so its
+    # attributes are not kept 30 s
+    assert m.path("lone").stat().st_nlink == 2
+    (cold / "lone" / "inner").mkdir()
+    wait_for(lambda: m.path("lone").stat().st_nlink == 3, timeout=10,
+             what="a directory's link count, changed where no watch sees it")
 
 
 @pytest.mark.parametrize("midway", ["a name created", "the page cache dropped"])
