@@ -469,8 +469,13 @@ def trace_generate(pattern, seed):
               show_default=True, help="Predictor of the predictive policy.")
 @click.option("--prefetch", type=click.Choice(sorted(PREDICTORS)), default=None,
               help="Also stage the files this predictor expects, ahead of the requests.")
+@click.option("--cold-bandwidth", type=SizeType(), default=None,
+              help="Bytes a second the cold tier reads, e.g. 200M: model time (the "
+                   "trace's gaps, reads one after the other) and report each policy's "
+                   f"time against reading directly; units {SIZE_HELP}.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def sim(trace_file, budget, policies, admission, predictor, prefetch, as_json):
+def sim(trace_file, budget, policies, admission, predictor, prefetch, cold_bandwidth,
+        as_json):
     """Replay TRACE (JSON lines, '-' for stdin) through the daemon's eviction
     policies and report each against the offline optimum."""
     from .policy import make_admission, make_policy
@@ -494,7 +499,8 @@ def sim(trace_file, budget, policies, admission, predictor, prefetch, as_json):
         label = name + (f"+{chosen}" if chosen else "") + ("+prefetch" if prefetch else "")
         rows[label] = simulate(requests, budget, make_policy(name),
                                Learner(chosen) if chosen else None, bool(prefetch),
-                               make_admission(admission, budget))
+                               make_admission(admission, budget),
+                               cold_bandwidth or float("inf"))
     sizes = {r.size for r in requests}
     if len(sizes) == 1:  # MIN is exact for one file size
         rows["optimum (MIN)"] = belady_min(requests, budget // sizes.pop())
@@ -503,22 +509,30 @@ def sim(trace_file, budget, policies, admission, predictor, prefetch, as_json):
                   "cold_bytes": r.cold_bytes, "prefetch_precision": r.precision,
                   "prefetch_recall": r.recall,
                   "of_optimum": r.byte_hit_ratio / bound.byte_hit_ratio
-                  if bound.byte_hit_ratio else 1.0}
+                  if bound.byte_hit_ratio else 1.0,
+                  "seconds": r.seconds, "stall_seconds": r.stall_seconds,
+                  "time_vs_direct": r.slowdown if cold_bandwidth else None}
            for name, r in rows.items()}
     out["byte bound"] = {"hit_ratio": None, "byte_hit_ratio": bound.byte_hit_ratio,
                          "cold_bytes": bound.cold_bytes, "prefetch_precision": 0.0,
-                         "prefetch_recall": 0.0, "of_optimum": 1.0}
+                         "prefetch_recall": 0.0, "of_optimum": 1.0, "seconds": None,
+                         "stall_seconds": None, "time_vs_direct": None}
     if as_json:
         click.echo(json.dumps(out, indent=2))
         return
-    click.echo(f"{len(requests)} opens, budget {format_size(budget)}, admission {admission}")
+    click.echo(f"{len(requests)} opens, budget {format_size(budget)}, admission {admission}"
+               + (f", cold tier {format_size(cold_bandwidth)}/s" if cold_bandwidth else ""))
     width = max(len(n) for n in out)
     click.echo(f"{'policy':<{width}} {'hit ratio':>9} {'byte hits':>9} {'from cold':>11} "
-               f"{'of bound':>8}" + (f" {'precision':>9} {'recall':>6}" if prefetch else ""))
+               f"{'of bound':>8}" + (f" {'precision':>9} {'recall':>6}" if prefetch else "")
+               + (f" {'time vs direct':>14}" if cold_bandwidth else ""))
     for name, r in out.items():
         hit = "-" if r["hit_ratio"] is None else f"{r['hit_ratio']:.3f}"
         extra = (f" {r['prefetch_precision']:>9.2f} {r['prefetch_recall']:>6.2f}"
                  if prefetch else "")
+        if cold_bandwidth:
+            t = r["time_vs_direct"]
+            extra += f" {'-' if t is None else f'{t:.2f}x':>14}"
         click.echo(f"{name:<{width}} {hit:>9} {r['byte_hit_ratio']:>9.3f} "
                    f"{format_size(r['cold_bytes']):>11} {r['of_optimum']:>8.2f}" + extra)
     if prefetch:

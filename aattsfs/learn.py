@@ -26,7 +26,12 @@ from typing import Callable, Container, Hashable, Iterable, Sequence
 from .predict import Key, forecast, make_predictor
 
 PREFETCH_MIN_PROB = 0.5  # stage a file only if it is more likely needed than not
-RANK_HORIZON = 4  # budgets' worth of forecast the predictive policy ranks by
+RANK_HORIZON = 4  # budgets' worth of forecast that evictions rank by
+# A forecast follows a path down to this probability: far enough to rank
+# the files of a loop whose steps each hold 19 times in 20 (a file skipped
+# now and then): at 0.05 it stopped after some 60 steps, and the files
+# beyond, taken for not expected at all, were the first a prefetch evicted.
+RANK_MIN_PROB = 1e-4
 RANK_STEPS = 1024
 MAX_STREAMS = 1024  # streams remembered; the oldest is forgotten first
 
@@ -97,7 +102,8 @@ class Learner:
         """What follows `context` (reached with probability p0): the files
         the format hints promised, then the learned order."""
         learned = [(k, p0 * q) for k, q in forecast(self.within, size_of, budget,
-                                                    max_steps=max_steps, context=context)]
+                                                    max_steps=max_steps, context=context,
+                                                    min_prob=RANK_MIN_PROB)]
         return _concat([(k, p0) for k in promised], learned)
 
 
@@ -177,26 +183,30 @@ class _AnyOf:
 
 
 def plan(learner: Learner, streams: list[Stream], size_of: Callable[[Key], int],
-         budget: int, predictive: bool, hints: Callable[[Key], list[Key]] = _no_hints,
+         budget: int, hints: Callable[[Key], list[Key]] = _no_hints,
          also: frozenset = frozenset()) -> tuple[Forecast, list[tuple[Key, ExpectedBy]]]:
     """What the prefetcher of the daemon and of the simulator plans after an
     open: the forecast for `streams` (the one that just opened first, then
-    the other live ones, most recent first) and the files to stage, each
-    with the files it must not evict: those expected sooner, those a live
-    process has opened, and `also`.
+    the other live ones, most recent first), RANK_HORIZON budgets long, and
+    the files to stage, each with the files it must not evict: those
+    expected sooner, those a live process has opened, and `also`.
 
-    A live process's files stay because staging is planned one budget ahead:
-    a loader past its first shards would otherwise stage the next in their
-    place, so that on a model larger than the budget every shard is copied
-    and evicted on every load (a sliding window); kept, the first shards
-    serve the next load from the fast tier and the rest is read from cold,
-    what MIN does. (A stream of None, a trace that names no processes, is
-    not one process, and protects nothing.)
+    The forecast reaches past the budget's worth that is staged, so that a
+    prefetch (and the predictive policy) evicts the file expected last
+    (Residency.set_forecast). On a cycle longer than the budget, what MIN
+    keeps is a fixed part of it; a prefetch that evicted in recency order
+    pushed out exactly that part, which then had to be read again: every
+    byte of every pass came from the cold tier (docs/prefetch.md).
 
-    A predictive policy ranks evictions over a longer horizon than what is
-    staged, so that files beyond the next budget's worth are told apart."""
-    ahead = learner.forecast(streams, size_of, RANK_HORIZON * budget if predictive else budget,
-                             hints=hints, max_steps=RANK_STEPS if predictive else 64)
+    A live process's files stay for the same reason: a loader past its
+    first shards would otherwise stage the next in their place, so that on
+    a model larger than the budget every shard is copied and evicted on
+    every load; kept, the first shards serve the next load from the fast
+    tier and the rest is read from cold, what MIN does. (A stream of None,
+    a trace that names no processes, is not one process, and protects
+    nothing.)"""
+    ahead = learner.forecast(streams, size_of, RANK_HORIZON * budget, hints=hints,
+                             max_steps=RANK_STEPS)
     rank = ranks(ahead)
     in_use = _AnyOf([also, *(learner.streams[s].opened for s in streams
                              if s is not None and s in learner.streams)])

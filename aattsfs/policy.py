@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from typing import Callable, Hashable, Iterator
+from typing import Callable, Hashable, Iterable, Iterator
 
 
 class EvictionPolicy(ABC):
@@ -174,14 +174,14 @@ class TwoQPolicy(EvictionPolicy):
         return iter([*self._main, *self._in])
 
 
-def choose_victims(policy: EvictionPolicy, need: int, free: int,
+def choose_victims(order: Iterable[Hashable], need: int, free: int,
                    size_of: Callable[[Hashable], int],
                    evictable: Callable[[Hashable], bool]) -> tuple[list[Hashable], bool]:
-    """The keys to evict, in policy order, so that `need` bytes fit next to
-    `free` bytes, and whether they are enough. The daemon and the simulator
-    both decide evictions here."""
+    """The keys to evict, first in `order` first (a policy's victims), so
+    that `need` bytes fit next to `free` bytes, and whether they are
+    enough. The daemon and the simulator both decide evictions here."""
     chosen = []
-    for key in policy.victims():
+    for key in order:
         if free >= need:
             break
         if evictable(key):

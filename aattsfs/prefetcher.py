@@ -28,7 +28,6 @@ import trio
 
 from . import hints
 from .learn import ExpectedBy, Learner, plan
-from .policy import PredictivePolicy
 from .procs import Stream, alive
 from .store import Promotion, Store
 
@@ -163,12 +162,10 @@ class Prefetcher:
         for s in [s for s in self._live if not alive(s)]:
             del self._live[s]
         streams = list(reversed(self._live))
-        policy = self.store.core.policy
-        predictive = isinstance(policy, PredictivePolicy)
-        ahead, staged = plan(self.learner, streams, self._size, self.store.core.budget,
-                             predictive, hints=lambda k: self._hinted.get(k, []))
-        if predictive:
-            policy.set_forecast([k for k, _ in ahead])
+        core = self.store.core
+        ahead, staged = plan(self.learner, streams, self._size, core.budget,
+                             hints=lambda k: self._hinted.get(k, []))
+        core.set_forecast([k for k, _ in ahead])
         if not self.enabled:
             return
         store = self.store

@@ -17,9 +17,9 @@ Bytes are counted in three states, all within the budget:
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Container, Hashable
+from typing import Callable, Container, Hashable, Iterator
 
-from .policy import Admission, EvictionPolicy, choose_victims
+from .policy import Admission, EvictionPolicy, PredictivePolicy, choose_victims
 
 Key = Hashable
 
@@ -38,11 +38,27 @@ class Residency:
         self.policy = policy
         self.admission = admission
         self.resident: dict[Key, int] = {}
+        self._rank: dict[Key, int] = {}  # the latest forecast: each file's place in it
         self._latest: OrderedDict[Hashable, Key] = OrderedDict()  # stream -> its last open
 
     @property
     def free(self) -> int:
         return self.budget - self.used
+
+    def set_forecast(self, keys: list[Key]) -> None:
+        """The files expected next, soonest first (learn.plan): a prefetch
+        evicts by it, and so does a predictive policy."""
+        self._rank = {k: i for i, k in enumerate(keys)}
+        if isinstance(self.policy, PredictivePolicy):
+            self.policy.set_forecast(keys)
+
+    def _by_forecast(self) -> Iterator[Key]:
+        """The policy's order, files expected later first (those not
+        expected at all before any): what a prefetch evicts. A staged file
+        pushes out what the forecast needs last, whatever the policy, so
+        that staging does not evict files the next loads reread."""
+        far = len(self._rank)
+        return iter(sorted(self.policy.victims(), key=lambda k: -self._rank.get(k, far)))
 
     def opened(self, key: Key, size: int, stream: Hashable = None) -> bool:
         """An open of key by `stream`, fast or not: what admission learns
@@ -81,7 +97,8 @@ class Residency:
         def may_go(k: Key) -> bool:
             return k not in protect and evictable(k)
 
-        victims, enough = choose_victims(self.policy, size, self.free,
+        order = self._by_forecast() if ahead else self.policy.victims()
+        victims, enough = choose_victims(order, size, self.free,
                                          self.resident.__getitem__, may_go)
         if not enough:
             return [], NO_ROOM
@@ -97,7 +114,7 @@ class Residency:
             return victims, None
         only = self.admission.probation(key)
         if only is not None:
-            victims, enough = choose_victims(self.policy, size, self.free,
+            victims, enough = choose_victims(self.policy.victims(), size, self.free,
                                              self.resident.__getitem__,
                                              lambda k: only(k) and may_go(k))
             if enough and self.admission.on_probation(key, size, victims):
@@ -107,7 +124,7 @@ class Residency:
     def shrink_to_budget(self, evictable: Callable[[Key], bool]) -> list[Key]:
         """The files to drop, in policy order, to get back within the budget
         (it shrank since the copies were made); as many as may go."""
-        victims, _ = choose_victims(self.policy, 0, self.free, self.resident.__getitem__,
+        victims, _ = choose_victims(self.policy.victims(), 0, self.free, self.resident.__getitem__,
                                     evictable)
         return victims
 

@@ -23,7 +23,7 @@ from typing import Container, Hashable, Iterable
 from collections import OrderedDict
 
 from .learn import Learner, plan
-from .policy import Admission, AdmitAll, EvictionPolicy, PredictivePolicy
+from .policy import Admission, AdmitAll, EvictionPolicy
 from .residency import Residency
 
 INF = float("inf")
@@ -35,6 +35,7 @@ class Request:
     path: str
     size: int
     stream: Hashable = None  # the opening process; None: one stream throughout
+    t: float | None = None  # when, in seconds (only gaps matter); None: right after the last
 
 
 @dataclass
@@ -48,6 +49,18 @@ class Result:
     prefetch_wasted_bytes: int = 0  # of those, evicted before any request
     bypasses: int = 0  # misses read from the cold tier without a copy (not admitted)
     bypassed_bytes: int = 0
+    # Time, with a cold-tier bandwidth (`simulate`): the replay's length,
+    # of which waiting for the cold tier, and the length reading every open
+    # from the cold tier directly would take.
+    seconds: float = 0.0
+    stall_seconds: float = 0.0
+    direct_seconds: float = 0.0
+    late: int = 0  # opens that found their file staged but still on its way
+
+    @property
+    def slowdown(self) -> float:
+        """The replay's length against reading directly: above 1, slower."""
+        return self.seconds / self.direct_seconds if self.direct_seconds else 1.0
 
     @property
     def hit_ratio(self) -> float:
@@ -126,29 +139,41 @@ def _request(line: str | bytes) -> Request | None:
     if not (_is_int(size) and 0 <= size <= MAX_SIZE):
         raise ValueError(f'an open needs "size", an integer of bytes from 0 to 2**62, '
                          f'not {json.dumps(size)[:40]}')
+    t = ev.get("t")
+    if t is not None and not (isinstance(t, (int, float)) and not isinstance(t, bool)
+                              and math.isfinite(t)):
+        raise ValueError(f'"t" is not a number but {json.dumps(t)[:40]}')
     if "pid" not in ev:
-        return Request(path, size)
+        return Request(path, size, None, t)
     pid, start = ev["pid"], ev.get("start")  # the stream: (pid, process start time)
     if not _is_int(pid):
         raise ValueError(f'"pid" is not an integer but {json.dumps(pid)[:40]}')
     if start is not None and not (isinstance(start, (int, float)) and not
                                   isinstance(start, bool) and math.isfinite(start)):
         raise ValueError(f'"start" is not a number or null but {json.dumps(start)[:40]}')
-    return Request(path, size, (pid, start))
+    return Request(path, size, (pid, start), t)
 
 
 def simulate(trace: list[Request], budget: int, policy: EvictionPolicy,
              learner: Learner | None = None, prefetch: bool = True,
-             admission: Admission | None = None) -> Result:
+             admission: Admission | None = None, cold_bandwidth: float = INF) -> Result:
     """Replay opens through the daemon's residency core: a miss brings the
     whole file in if it fits the budget and is admitted, evicting as the
     daemon would. With a `learner`, every open also updates its forecast,
     which a predictive policy ranks evictions by and, if `prefetch`, which
     is staged ahead of the requests. A prefetch never evicts a file
-    expected sooner than the one it brings in."""
+    expected sooner than the one it brings in.
+
+    Time (docs/trace-format.md): the cold tier reads `cold_bandwidth` bytes
+    a second, one file after the other, demand reads and prefetches alike;
+    the fast tier costs nothing. Opens follow each other with the trace's
+    gaps, and an open waits for its file: a miss for its read, behind any
+    prefetch already reading; a staged file still on its way until it
+    arrives. So a wasted prefetch delays the demand reads behind it. With
+    an unlimited bandwidth (the default) a staged file is there at once."""
     res = Result()
     core = Residency(budget, policy, admission or AdmitAll())
-    prefetched: set[str] = set()
+    prefetched: set[str] = set()  # staged, not requested since
     sizes: dict[str, int] = {}
 
     def admit(path: str, size: int, protect: Container, ahead: bool = False) -> bool:
@@ -160,9 +185,38 @@ def simulate(trace: list[Request], budget: int, policy: EvictionPolicy,
             if key in prefetched:
                 prefetched.discard(key)
                 res.prefetch_wasted_bytes += sizes[key]
-        core.reserve(size)
-        core.commit(path, size)
-        return True
+        return core.reserve(size)
+
+    # The cold tier: the staging queue of the latest plan (files start in
+    # its order, each once the tier is free), the prefetch reading, and
+    # when the tier is free again.
+    queue: list[tuple[str, Container]] = []
+    queued_at = 0.0
+    flight: list = []  # [path, start, arrival] of the prefetch reading
+    busy = 0.0
+
+    def transfer(size: int) -> float:
+        return size / cold_bandwidth
+
+    def advance(until: float) -> None:
+        """Run the cold tier up to `until`: prefetches arrive and start."""
+        nonlocal busy, queue
+        while True:
+            if flight and flight[2] <= until:
+                path = flight[0]
+                core.commit(path, sizes[path])
+                prefetched.add(path)
+                flight.clear()
+            elif not flight and queue and max(busy, queued_at) <= until:
+                path, protect = queue.pop(0)
+                if path in core.resident or not admit(path, sizes[path], protect, True):
+                    continue
+                res.prefetched_bytes += sizes[path]
+                start = max(busy, queued_at)
+                busy = start + transfer(sizes[path])
+                flight[:] = [path, start, busy]
+            else:
+                return
 
     # A stream is live from its first open to its last (the daemon asks the
     # kernel whether the process still runs); the forecast covers them all,
@@ -170,8 +224,14 @@ def simulate(trace: list[Request], budget: int, policy: EvictionPolicy,
     last_open = {r.stream: i for i, r in enumerate(trace)}
     live: OrderedDict = OrderedDict()
     found: dict = {}  # stream -> whether its latest use found the file resident
-    predictive = isinstance(policy, PredictivePolicy)
+    now, think, previous = 0.0, 0.0, None
     for i, r in enumerate(trace):
+        if r.t is not None and previous is not None:
+            gap = max(0.0, r.t - previous)
+            now += gap
+            think += gap
+        previous = r.t if r.t is not None else previous
+        advance(now)
         res.requests += 1
         sizes[r.path] = r.size
         staged: list = []
@@ -183,10 +243,21 @@ def simulate(trace: list[Request], budget: int, policy: EvictionPolicy,
             if len(live) > MAX_LIVE:
                 live.popitem(last=False)
             streams = [s for s in reversed(live) if last_open[s] >= i]
-            ahead, staged = plan(learner, streams, sizes.__getitem__, budget, predictive,
+            ahead, staged = plan(learner, streams, sizes.__getitem__, budget,
                                  also=frozenset([r.path]))
-            if predictive:
-                policy.set_forecast([k for k, _ in ahead])
+            core.set_forecast([k for k, _ in ahead])
+            if prefetch and flight and flight[0] != r.path and \
+                    flight[0] not in {k for k, _ in staged}:
+                # stale (and not the file opened now): cancelled at once, as
+                # the daemon's planner does; the bytes read so far are wasted
+                path, start, arrival = flight
+                done = int(sizes[path] * (now - start) / (arrival - start))
+                res.prefetch_wasted_bytes += done
+                res.prefetched_bytes -= sizes[path] - done
+                core.abandon(path, sizes[path])
+                busy = now
+                flight.clear()
+        opened_at = now
         if core.opened(r.path, r.size, r.stream):
             # the same use as the stream's previous open: no bytes again, and
             # found or not as that open was (on the mount, the first open's
@@ -194,6 +265,10 @@ def simulate(trace: list[Request], budget: int, policy: EvictionPolicy,
             res.hits += found[r.stream]
         else:
             res.bytes_requested += r.size
+            if flight and flight[0] == r.path:  # staged, on its way: wait for it
+                res.late += 1
+                now = flight[2]
+                advance(now)
             found[r.stream] = r.path in core.resident
             if found[r.stream]:
                 res.hits += 1
@@ -201,18 +276,27 @@ def simulate(trace: list[Request], budget: int, policy: EvictionPolicy,
                 if r.path in prefetched:
                     prefetched.discard(r.path)
                     res.prefetch_used_bytes += r.size
-            # a demand read never evicts what the forecast stages (as in Store)
-            elif not admit(r.path, r.size, frozenset(k for k, _ in staged)):
-                res.bypasses += 1
-                res.bypassed_bytes += r.size
+            else:
+                # read from cold once the tier is free; a demand read never
+                # evicts what the forecast stages (as in Store)
+                queue = [q for q in queue if q[0] != r.path]
+                now = busy = max(now, busy) + transfer(r.size)
+                if not admit(r.path, r.size, frozenset(k for k, _ in staged)):
+                    res.bypasses += 1
+                    res.bypassed_bytes += r.size
+                else:
+                    core.commit(r.path, r.size)
+        res.stall_seconds += now - opened_at
         if not prefetch:
             continue
-        for key, protect in staged:
-            if key not in core.resident and admit(key, sizes[key], protect, ahead=True):
-                prefetched.add(key)
-                res.prefetched_bytes += sizes[key]
+        queue = [(key, protect) for key, protect in staged
+                 if key not in core.resident and key not in flight[:1]]
+        queued_at = opened_at
+    advance(INF)  # the last plan's staging goes on after the last open
     for key in prefetched:  # staged but never requested before the trace ended
         res.prefetch_wasted_bytes += sizes[key]
+    res.seconds = now
+    res.direct_seconds = think + transfer(res.bytes_requested)
     return res
 
 

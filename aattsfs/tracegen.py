@@ -147,6 +147,11 @@ PATTERNS: dict[str, Callable[..., list[Request]]] = {
 
 
 def write_trace(trace: list[Request], out: TextIO) -> None:
-    for t, r in enumerate(trace):
-        out.write(json.dumps({"t": float(t), "op": "open", "path": r.path,
-                              "size": r.size}) + "\n")
+    """Generated opens carry no time ("t" 0: one right after the other), and
+    each stream becomes a process (pid 1, 2, ... started at 0)."""
+    pids: dict = {}
+    for r in trace:
+        ev = {"t": 0.0 if r.t is None else r.t, "op": "open", "path": r.path, "size": r.size}
+        if r.stream is not None:
+            ev.update(pid=pids.setdefault(r.stream, len(pids) + 1), start=0.0)
+        out.write(json.dumps(ev) + "\n")

@@ -144,9 +144,10 @@ def test_bad_sizes_on_the_command_line(tmp_path, loop_trace, size, needle):
         proc = run_cli("mount", tmp_path, tmp_path / "mnt", f"{option}={size}", check=False)
         assert_one_line_error(proc, option, needle)
         assert proc.returncode == 2
-    proc = run_cli("sim", loop_trace, f"--budget={size}", check=False)
-    assert_one_line_error(proc, "--budget", needle)
-    assert proc.returncode == 2
+    for option in ("--budget", "--cold-bandwidth"):
+        proc = run_cli("sim", loop_trace, "--budget=1G", f"{option}={size}", check=False)
+        assert_one_line_error(proc, option, needle)
+        assert proc.returncode == 2
 
 
 def test_binary_units_however_spelled(loop_trace):
