@@ -30,6 +30,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
 from prometheus_client.registry import CollectorRegistry
 
+from .counters import COUNTERS, value_at
 from .errors import UserError
 from .store import Store
 
@@ -138,42 +139,20 @@ class Exporter:
             s, latency = trio.from_thread.run_sync(self._take, trio_token=self.token)
         except trio.RunFinishedError:
             return  # shutting down
-        pf, ft = s["prefetch"], s["fast_tier"]
-
-        def counter(name, doc, value):
-            c = CounterMetricFamily(f"aattsfs_{name}", doc)
-            c.add_metric([], value)
-            return c
+        ft = s["fast_tier"]
+        families: dict[str, CounterMetricFamily] = {}
+        for c in COUNTERS:
+            if c.metric not in families:
+                families[c.metric] = CounterMetricFamily(
+                    f"aattsfs_{c.metric}", c.doc, labels=["tier"] if c.tier else None)
+            families[c.metric].add_metric([c.tier] if c.tier else [], value_at(s, c.key))
+        yield from families.values()
 
         def gauge(name, doc, value):
             g = GaugeMetricFamily(f"aattsfs_{name}", doc)
             g.add_metric([], value)
             return g
 
-        for name, key, doc in (("opens", "opens", "Opens, by the tier that served them."),
-                               ("reads", "reads", "Read requests, by tier."),
-                               ("served_bytes", "bytes_served", "Bytes served, by tier.")):
-            c = CounterMetricFamily(f"aattsfs_{name}", doc, labels=["tier"])
-            for tier in TIERS:
-                c.add_metric([tier], s[key][tier])
-            yield c
-        yield counter("cold_read_bytes", "Bytes read from the cold tier (rate(): its "
-                      "bandwidth).", s["cold_bytes_read"])
-        yield counter("promotions", "Files copied into the fast tier.", s["promotions"])
-        yield counter("promoted_bytes", "Bytes copied into the fast tier.", s["promoted_bytes"])
-        yield counter("promotion_failures", "Promotions that could not read the cold tier.",
-                      s["promotions_failed"])
-        yield counter("bypasses", "Opens read from the cold tier without a copy (not "
-                      "admitted, too big, or no room).", s["bypasses"])
-        yield counter("bypassed_bytes", "Sizes of the files bypassed so.", s["bypassed_bytes"])
-        yield counter("evictions", "Fast copies dropped to make room.", s["evictions"])
-        yield counter("evicted_bytes", "Bytes of fast copies dropped.", s["evicted_bytes"])
-        yield counter("prefetched_bytes", "Bytes staged before any open.", pf["prefetched_bytes"])
-        yield counter("prefetch_used_bytes", "Prefetched bytes later opened.", pf["used_bytes"])
-        yield counter("prefetch_wasted_bytes", "Prefetched bytes evicted or cancelled unopened.",
-                      pf["wasted_bytes"])
-        yield counter("demand_misses", "Opens that found the file neither fast nor on its way.",
-                      pf["demand_misses"])
         yield gauge("fast_tier_used_bytes", "Bytes the fast tier holds or has reserved.",
                     ft["used_bytes"])
         yield gauge("fast_tier_budget_bytes", "The fast tier's byte budget.", ft["budget_bytes"])
@@ -182,20 +161,13 @@ class Exporter:
         pt = s["passthrough"]
         yield gauge("passthrough_active", "1 if promoted files open in kernel passthrough.",
                     int(pt["active"]))
-        yield counter("passthrough_opens", "Opens the kernel served from a fast copy itself.",
-                      pt["opens"])
-        yield counter("passthrough_opened_bytes", "Sizes of the files opened in passthrough "
-                      "(their reads never reach the daemon).", pt["opened_bytes"])
         yield gauge("passthrough_backing_files", "Fast copies open as backing files.",
                     pt["backing_files"])
         yield gauge("passthrough_held_evicted_bytes", "Bytes of evicted copies that "
                     "passthrough opens still hold (counted in the budget).",
                     pt["held_evicted_bytes"])
-        cw = s["cold_watch"]
         yield gauge("cold_watch_active", "1 if inotify vouches for unchanged cold files.",
-                    int(cw["active"]))
-        yield counter("cold_watch_opens", "Passthrough opens that needed no cold-tier call.",
-                      cw["opens"])
+                    int(s["cold_watch"]["active"]))
         h = HistogramMetricFamily("aattsfs_read_seconds", "Time to serve a read request, by "
                                   "tier (cold: waited for the cold tier).", labels=["tier"])
         for tier, (buckets, total) in latency.items():
@@ -203,8 +175,10 @@ class Exporter:
                                   for b, n in buckets], total)
         yield h
         cpu = self.proc.cpu_times()
-        yield counter("process_cpu_seconds", "CPU time of the daemon (user + system).",
-                      cpu.user + cpu.system)
+        c = CounterMetricFamily("aattsfs_process_cpu_seconds",
+                                "CPU time of the daemon (user + system).")
+        c.add_metric([], cpu.user + cpu.system)
+        yield c
         yield gauge("process_resident_memory_bytes", "Resident memory of the daemon.",
                     self.proc.memory_info().rss)
 

@@ -28,7 +28,6 @@ Promotion protocol (docs/promotion.md explains why):
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import copy
 import heapq
@@ -44,6 +43,7 @@ from typing import Awaitable, Callable, Container
 import lmdb
 import trio
 
+from .counters import Stats
 from .metadata import FileRecord, MetaStore
 from .procs import Stream, stream_of
 from .residency import TOO_BIG, Residency
@@ -490,64 +490,6 @@ class Entry:
     prefetched: bool = False  # staged by the prefetcher and not opened since
 
 
-class Histogram:
-    """Counts of observations per upper bound (Prometheus buckets: each
-    count includes the smaller ones), plus their sum."""
-
-    BOUNDS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-              2.5, float("inf"))
-
-    def __init__(self) -> None:
-        self.counts = [0] * len(self.BOUNDS)
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.sum += value
-        self.counts[bisect.bisect_left(self.BOUNDS, value)] += 1
-
-    def buckets(self) -> list[tuple[float, int]]:
-        return list(zip(self.BOUNDS, itertools.accumulate(self.counts), strict=True))
-
-
-@dataclass
-class Stats:
-    started: float = field(default_factory=time.time)
-    opens_fast: int = 0
-    opens_cold: int = 0
-    reads_fast: int = 0
-    reads_cold: int = 0
-    bytes_fast: int = 0
-    bytes_cold: int = 0
-    cold_bytes_read: int = 0
-    promotions: int = 0
-    promoted_bytes: int = 0
-    promotions_failed: int = 0  # the cold file unreadable, the fast tier full or failing
-    promotions_cancelled: int = 0  # evicted or changed while being promoted
-    prefetches: int = 0  # promotions started by the prefetcher, before any open
-    prefetched_bytes: int = 0
-    prefetch_used_bytes: int = 0  # prefetched, then opened
-    prefetch_wasted_bytes: int = 0  # prefetched, then evicted or cancelled unopened
-    prefetches_cancelled: int = 0  # stale: the forecast went elsewhere
-    demand_misses: int = 0  # opens that found the file neither fast nor on its way
-    demand_miss_bytes: int = 0
-    events_dropped: int = 0  # the prefetcher fell behind by EVENT_BUFFER events
-    pushed_bytes: int = 0  # committed copies pushed into the kernel page cache
-    read_seconds: dict = field(default_factory=lambda: {"fast": Histogram(),
-                                                        "cold": Histogram()})
-    bypasses: int = 0  # opens read from the cold tier without a copy: not admitted
-    bypassed_bytes: int = 0  # (too big, or not worth what it would evict; no room)
-    evictions: int = 0
-    evicted_bytes: int = 0
-    invalidations: int = 0
-    promotions_nospace: int = 0  # failed because the fast tier's filesystem was full
-    copies_verified: int = 0  # copies found at start (or on demand) that hashed right
-    copies_corrupt: int = 0  # copies that did not: dropped, never served
-    passthrough_opens: int = 0  # opens the kernel served from a fast copy itself
-    passthrough_bytes: int = 0  # the sizes of the files opened so (reads are not seen)
-    opens_watched: int = 0  # passthrough opens that needed no cold-tier call (watch.py)
-    kernel_invalidations: int = 0  # entries and inodes the kernel was told changed (watch.py)
-
-
 class Store:
     def __init__(self, cold: ColdTier, fast: FastTier, meta: MetaStore, core: Residency,
                  io_threads: int = 16, max_promotions: int = 2, prefetch_rate: int = 0) -> None:
@@ -818,53 +760,23 @@ class Store:
         return e.record if e is not None else FileRecord()
 
     def snapshot(self) -> dict:
-        s = self.stats
+        """`.aatts/stats`: the counters (counters.COUNTERS) and what the
+        store holds now."""
         fast_files = [e for e in self.entries.values() if e.fast_bytes]
-        return {
-            "uptime_seconds": round(time.time() - s.started, 3),
-            "opens": {"fast": s.opens_fast, "cold": s.opens_cold},
-            "reads": {"fast": s.reads_fast, "cold": s.reads_cold},
-            "bytes_served": {"fast": s.bytes_fast, "cold": s.bytes_cold},
-            "cold_bytes_read": s.cold_bytes_read,
-            "promotions": s.promotions,
-            "promoted_bytes": s.promoted_bytes,
-            "promotions_failed": s.promotions_failed,
-            "promotions_cancelled": s.promotions_cancelled,
-            "promotions_nospace": s.promotions_nospace,
-            "copies_verified": s.copies_verified,
-            "copies_corrupt": s.copies_corrupt,
+        now = {
+            "uptime_seconds": round(time.time() - self.stats.started, 3),
             "promotions_in_flight": sum(1 for e in self.entries.values() if _active(e.prom)),
-            "prefetch": {
-                "prefetches": s.prefetches,
-                "prefetched_bytes": s.prefetched_bytes,
-                "used_bytes": s.prefetch_used_bytes,
-                "wasted_bytes": s.prefetch_wasted_bytes,
-                "cancelled": s.prefetches_cancelled,
-                "demand_misses": s.demand_misses,
-                "demand_miss_bytes": s.demand_miss_bytes,
-                "events_dropped": s.events_dropped,
-                "pushed_bytes": s.pushed_bytes,
-            },
             "open_files": sum(len(e.handles) for e in self.entries.values()),
             "passthrough": {
                 **self.passthrough,
-                "opens": s.passthrough_opens,
-                "opened_bytes": s.passthrough_bytes,
                 "backing_files": len(self._holds),
                 "held_evicted_bytes": sum(h.size for h in self._holds.values() if h.dropped),
             },
             "cold_watch": {
                 "active": self.watch is not None,
                 "reason": self.watch_reason,
-                "opens": s.opens_watched,
-                "kernel_invalidations": s.kernel_invalidations,
                 **(self.watch.snapshot() if self.watch is not None else {}),
             },
-            "bypasses": s.bypasses,
-            "bypassed_bytes": s.bypassed_bytes,
-            "evictions": s.evictions,
-            "evicted_bytes": s.evicted_bytes,
-            "invalidations": s.invalidations,
             "fast_tier": {
                 "used_bytes": self.core.used,
                 "budget_bytes": self.core.budget,
@@ -874,6 +786,13 @@ class Store:
                 "admission": self.core.admission.name,
             },
         }
+        out = self.stats.tree()
+        for key, value in now.items():
+            if isinstance(value, dict):
+                out.setdefault(key, {}).update(value)
+            else:
+                out[key] = value
+        return out
 
     # -- the read path -----------------------------------------------------
 
