@@ -20,6 +20,7 @@ expected to open.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from typing import Callable, Container, Hashable, Iterable, Sequence
 
@@ -80,13 +81,13 @@ class Learner:
 
     def forecast(self, streams: Iterable[Stream], size_of: Callable[[Key], int],
                  budget: int, hints: Callable[[Key], list[Key]] = _no_hints,
-                 max_steps: int = 64) -> Forecast:
+                 max_steps: int = 64, min_prob: float = 0.05) -> Forecast:
         """The files expected next, soonest first, with probabilities, until
         their sizes add up to `budget`: the rest of each of `streams` (most
         urgent first, interleaved), then the processes the chain expects
         next. `hints(key)` lists the files a loader reads after opening key."""
         parts = [self._continuation(self.streams[s].context, 1.0, self.streams[s].pending,
-                                    size_of, budget, max_steps)
+                                    size_of, budget, max_steps, min_prob)
                  for s in streams if s in self.streams]
         out = _merge(parts)
         for first, p in forecast(self.chain, lambda k: 0, budget, max_steps=8):
@@ -94,16 +95,16 @@ class Learner:
                 break
             promised = [k for k in hints(first) if k != first]
             out = _concat(out, [(first, p)], self._continuation(
-                [first], p, promised, size_of, budget, max_steps))
+                [first], p, promised, size_of, budget, max_steps, min_prob))
         return _until(out, size_of, budget)
 
     def _continuation(self, context: Sequence[Key], p0: float, promised: Iterable[Key],
-                      size_of, budget: int, max_steps: int) -> Forecast:
+                      size_of, budget: int, max_steps: int, min_prob: float) -> Forecast:
         """What follows `context` (reached with probability p0): the files
         the format hints promised, then the learned order."""
         learned = [(k, p0 * q) for k, q in forecast(self.within, size_of, budget,
                                                     max_steps=max_steps, context=context,
-                                                    min_prob=RANK_MIN_PROB)]
+                                                    min_prob=min_prob)]
         return _concat([(k, p0) for k in promised], learned)
 
 
@@ -184,19 +185,25 @@ class _AnyOf:
 
 def plan(learner: Learner, streams: list[Stream], size_of: Callable[[Key], int],
          budget: int, hints: Callable[[Key], list[Key]] = _no_hints,
-         also: frozenset = frozenset()) -> tuple[Forecast, list[tuple[Key, ExpectedBy]]]:
+         also: frozenset = frozenset()
+         ) -> tuple[Callable[[], list[Key]], list[tuple[Key, ExpectedBy]]]:
     """What the prefetcher of the daemon and of the simulator plans after an
-    open: the forecast for `streams` (the one that just opened first, then
-    the other live ones, most recent first), RANK_HORIZON budgets long, and
-    the files to stage, each with the files it must not evict: those
-    expected sooner, those a live process has opened, and `also`.
+    open, for `streams` (the one that just opened first, then the other
+    live ones, most recent first): the files to stage, one budget's worth
+    of the forecast, each with the files it must not evict (those expected
+    sooner, those a live process has opened, and `also`); and the ranking
+    that evictions follow, the files expected in the next RANK_HORIZON
+    budgets, soonest first, computed when first asked for.
 
-    The forecast reaches past the budget's worth that is staged, so that a
-    prefetch (and the predictive policy) evicts the file expected last
-    (Residency.set_forecast). On a cycle longer than the budget, what MIN
-    keeps is a fixed part of it; a prefetch that evicted in recency order
-    pushed out exactly that part, which then had to be read again: every
-    byte of every pass came from the cold tier (docs/prefetch.md).
+    The ranking reaches past what is staged so that a prefetch (and the
+    predictive policy) evicts the file expected last (Residency.
+    set_forecast). On a cycle longer than the budget, what MIN keeps is a
+    fixed part of it; a prefetch that evicted in recency order pushed out
+    exactly that part, which then had to be read again: every byte of every
+    pass came from the cold tier (docs/prefetch.md). It is computed only
+    when an eviction needs it: with everything in the fast tier, most plans
+    are followed by none, and on a per-tensor model four budgets are
+    thousands of files, planned up to fifty times a second.
 
     A live process's files stay for the same reason: a loader past its
     first shards would otherwise stage the next in their place, so that on
@@ -205,10 +212,11 @@ def plan(learner: Learner, streams: list[Stream], size_of: Callable[[Key], int],
     tier and the rest is read from cold, what MIN does. (A stream of None,
     a trace that names no processes, is not one process, and protects
     nothing.)"""
-    ahead = learner.forecast(streams, size_of, RANK_HORIZON * budget, hints=hints,
-                             max_steps=RANK_STEPS)
+    ahead = learner.forecast(streams, size_of, budget, hints=hints)
     rank = ranks(ahead)
     in_use = _AnyOf([also, *(learner.streams[s].opened for s in streams
                              if s is not None and s in learner.streams)])
-    return ahead, [(ahead[i][0], ExpectedBy(rank, i, in_use))
-                   for i in staging(ahead, size_of, budget)]
+    ranking = functools.cache(lambda: [k for k, _ in learner.forecast(
+        streams, size_of, RANK_HORIZON * budget, hints, RANK_STEPS, RANK_MIN_PROB)])
+    return ranking, [(ahead[i][0], ExpectedBy(rank, i, in_use))
+                     for i in staging(ahead, size_of, budget)]

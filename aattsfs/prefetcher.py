@@ -163,9 +163,9 @@ class Prefetcher:
             del self._live[s]
         streams = list(reversed(self._live))
         core = self.store.core
-        ahead, staged = plan(self.learner, streams, self._size, core.budget,
+        ranking, staged = plan(self.learner, streams, self._size, core.budget,
                              hints=lambda k: self._hinted.get(k, []))
-        core.set_forecast([k for k, _ in ahead])
+        core.set_forecast(ranking)
         if not self.enabled:
             return
         store = self.store

@@ -38,27 +38,27 @@ class Residency:
         self.policy = policy
         self.admission = admission
         self.resident: dict[Key, int] = {}
-        self._rank: dict[Key, int] = {}  # the latest forecast: each file's place in it
+        self._ranking: Callable[[], list[Key]] = list  # the latest forecast (learn.plan)
         self._latest: OrderedDict[Hashable, Key] = OrderedDict()  # stream -> its last open
 
     @property
     def free(self) -> int:
         return self.budget - self.used
 
-    def set_forecast(self, keys: list[Key]) -> None:
-        """The files expected next, soonest first (learn.plan): a prefetch
-        evicts by it, and so does a predictive policy."""
-        self._rank = {k: i for i, k in enumerate(keys)}
+    def set_forecast(self, ranking: Callable[[], list[Key]]) -> None:
+        """The files expected next, soonest first, when asked (learn.plan):
+        a prefetch evicts by them, and so does a predictive policy."""
+        self._ranking = ranking
         if isinstance(self.policy, PredictivePolicy):
-            self.policy.set_forecast(keys)
+            self.policy.set_forecast(ranking)
 
     def _by_forecast(self) -> Iterator[Key]:
         """The policy's order, files expected later first (those not
         expected at all before any): what a prefetch evicts. A staged file
         pushes out what the forecast needs last, whatever the policy, so
         that staging does not evict files the next loads reread."""
-        far = len(self._rank)
-        return iter(sorted(self.policy.victims(), key=lambda k: -self._rank.get(k, far)))
+        rank = {k: i for i, k in enumerate(self._ranking())}
+        return iter(sorted(self.policy.victims(), key=lambda k: -rank.get(k, len(rank))))
 
     def opened(self, key: Key, size: int, stream: Hashable = None) -> bool:
         """An open of key by `stream`, fast or not: what admission learns
@@ -97,7 +97,8 @@ class Residency:
         def may_go(k: Key) -> bool:
             return k not in protect and evictable(k)
 
-        order = self._by_forecast() if ahead else self.policy.victims()
+        # (ranked only if something must go: ranking is the costly part)
+        order = self._by_forecast() if ahead and size > self.free else self.policy.victims()
         victims, enough = choose_victims(order, size, self.free,
                                          self.resident.__getitem__, may_go)
         if not enough:

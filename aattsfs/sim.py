@@ -243,9 +243,9 @@ def simulate(trace: list[Request], budget: int, policy: EvictionPolicy,
             if len(live) > MAX_LIVE:
                 live.popitem(last=False)
             streams = [s for s in reversed(live) if last_open[s] >= i]
-            ahead, staged = plan(learner, streams, sizes.__getitem__, budget,
+            ranking, staged = plan(learner, streams, sizes.__getitem__, budget,
                                  also=frozenset([r.path]))
-            core.set_forecast([k for k, _ in ahead])
+            core.set_forecast(ranking)
             if prefetch and flight and flight[0] != r.path and \
                     flight[0] not in {k for k, _ in staged}:
                 # stale (and not the file opened now): cancelled at once, as

@@ -172,3 +172,25 @@ def test_the_daemon_and_the_simulator_share_the_core():
                  admission=ReuseAdmission(budget))
     assert r.prefetch_used_bytes + r.prefetch_wasted_bytes == r.prefetched_bytes
     assert r.bytes_requested == sum(x.size for x in trace)
+
+
+def test_a_prefetch_evicts_in_the_forecasts_order_ranked_only_when_needed():
+    # LRU would push out a (used longest ago); the forecast expects a next,
+    # then c, and b not at all: a prefetch pushes out b, then c, whatever
+    # the recency. The forecast is listed only when something must go.
+    core = Residency(30, LRUPolicy(), AdmitAll())
+    for key in "abc":
+        bring_in(core, key, 10)
+    asked = []
+
+    def ranking():
+        asked.append(1)
+        return ["a", "c"]
+
+    core.set_forecast(ranking)
+    assert core.room("x", 10, ahead=True) == (["b"], None)
+    assert core.room("x", 20, ahead=True) == (["b", "c"], None)
+    assert core.room("x", 10) == (["a"], None)  # a demand read: the policy's order
+    assert len(asked) == 2
+    core.release(core.drop("b"))
+    assert core.room("x", 10, ahead=True) == ([], None) and len(asked) == 2
