@@ -270,23 +270,33 @@ class Operations(pyfuse3.Operations):
                                   [self._control_attr(ino) for ino in control.CONTROL_FILES.values()])
             return fh
         rel = self.ns.path(inode)
-        listed = self._listed.get(inode)
+        # The kernel marks a directory's atime stale each time it reads the
+        # listing from us (fuse_invalidate_atime, on a mount that is not
+        # read-only), so its next stat is a GETATTR. A listing the kernel
+        # keeps is never read again, and neither refreshes the attributes of
+        # the directories it holds: `ls -l` of it then costs a round trip per
+        # subdirectory (docs/benchmarks.md). Read again, one READDIRPLUS
+        # refreshes them all. So only a directory without subdirectories (a
+        # link count of 2) has its listing kept.
+        st = self._stats.get(inode)
+        keep = st is None or st.st_nlink <= 2
+        listed = self._listed.get(inode) if keep else None
         if listed and self.store.listing_current(rel, listed):
             # The kernel keeps the listing it was given until the watch sees
             # it change (invalidate_changes): no cold call unless it asks
             self._dirs[fh | passthrough.CACHE_DIR] = _Dir(rel, None, None, ino=inode)
             return fh | passthrough.CACHE_DIR
-        d = await self._list(inode, rel)
+        d = await self._list(inode, rel, keep)
         if inode in self._listed:
             fh |= passthrough.CACHE_DIR  # the C hooks turn this bit into the flags
         self._dirs[fh] = d  # a snapshot: offsets stay valid for this handle
         return fh
 
-    async def _list(self, inode: int, rel: str) -> _Dir:
+    async def _list(self, inode: int, rel: str, keep: bool = True) -> _Dir:
         """The cold directory rel read now; noted in _listed if the kernel
-        may cache the listing."""
+        may cache the listing (`keep`: it should)."""
         fd, names, watched, listed = await self.store.cold_opendir(rel)
-        if listed:
+        if listed and keep:
             self._listed[inode] = listed
         else:
             self._listed.pop(inode, None)
