@@ -164,7 +164,7 @@ class Prefetcher:
         streams = list(reversed(self._live))
         core = self.store.core
         ranking, staged = plan(self.learner, streams, self._size, core.budget,
-                             hints=lambda k: self._hinted.get(k, []))
+                               hints=lambda k: self._hinted.get(k, []))
         core.set_forecast(ranking)
         if not self.enabled:
             return
