@@ -186,14 +186,14 @@ class _AnyOf:
 def plan(learner: Learner, streams: list[Stream], size_of: Callable[[Key], int],
          budget: int, hints: Callable[[Key], list[Key]] = _no_hints,
          also: frozenset = frozenset()
-         ) -> tuple[Callable[[], list[Key]], list[tuple[Key, ExpectedBy]]]:
+         ) -> tuple[Callable[[], dict[Key, int]], list[tuple[Key, ExpectedBy]]]:
     """What the prefetcher of the daemon and of the simulator plans after an
     open, for `streams` (the one that just opened first, then the other
     live ones, most recent first): the files to stage, one budget's worth
     of the forecast, each with the files it must not evict (those expected
     sooner, those a live process has opened, and `also`); and the ranking
-    that evictions follow, the files expected in the next RANK_HORIZON
-    budgets, soonest first, computed when first asked for.
+    that evictions follow, each file's place among those expected in the
+    next RANK_HORIZON budgets (`ranks`), computed when first asked for.
 
     The ranking reaches past what is staged so that a prefetch (and the
     predictive policy) evicts the file expected last (Residency.
@@ -216,7 +216,7 @@ def plan(learner: Learner, streams: list[Stream], size_of: Callable[[Key], int],
     rank = ranks(ahead)
     in_use = _AnyOf([also, *(learner.streams[s].opened for s in streams
                              if s is not None and s in learner.streams)])
-    ranking = functools.cache(lambda: [k for k, _ in learner.forecast(
-        streams, size_of, RANK_HORIZON * budget, hints, RANK_STEPS, RANK_MIN_PROB)])
+    ranking = functools.cache(lambda: ranks(learner.forecast(
+        streams, size_of, RANK_HORIZON * budget, hints, RANK_STEPS, RANK_MIN_PROB)))
     return ranking, [(ahead[i][0], ExpectedBy(rank, i, in_use))
                      for i in staging(ahead, size_of, budget)]

@@ -36,7 +36,6 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 
-TIERS = ("fast", "cold")
 STATIC = Path(__file__).parent / "static"
 HOTTEST = 15  # files in the dashboard's table
 

@@ -97,20 +97,20 @@ class PredictivePolicy(EvictionPolicy):
 
     def __init__(self) -> None:
         self._lru = LRUPolicy()
-        self._keys: Callable[[], list] = list
-        self._rank: dict[Hashable, int] | None = {}
+        self._ranks: Callable[[], dict[Hashable, int]] = dict
 
-    def set_forecast(self, keys: list | Callable[[], list]) -> None:
-        """The files expected next, soonest first; or a function that lists
-        them, called when a rank is first needed (learn.plan)."""
-        self._keys = keys if callable(keys) else lambda: keys
-        self._rank = None
+    def set_forecast(self, keys: list | Callable[[], dict[Hashable, int]]) -> None:
+        """The files expected next, soonest first; or a function giving each
+        one's place, called when a rank is needed (learn.plan caches it)."""
+        if callable(keys):
+            self._ranks = keys
+        else:
+            rank = {k: i for i, k in enumerate(keys)}
+            self._ranks = lambda: rank
 
     def rank(self, key: Hashable) -> float:
         """Position of key in the forecast; infinity if it is not expected."""
-        if self._rank is None:
-            self._rank = {k: i for i, k in enumerate(self._keys())}
-        return self._rank.get(key, float("inf"))
+        return self._ranks().get(key, float("inf"))
 
     def admit(self, key, size):
         self._lru.admit(key, size)

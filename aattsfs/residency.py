@@ -38,16 +38,17 @@ class Residency:
         self.policy = policy
         self.admission = admission
         self.resident: dict[Key, int] = {}
-        self._ranking: Callable[[], list[Key]] = list  # the latest forecast (learn.plan)
+        self._ranking: Callable[[], dict[Key, int]] = dict  # the latest forecast (learn.plan)
         self._latest: OrderedDict[Hashable, Key] = OrderedDict()  # stream -> its last open
 
     @property
     def free(self) -> int:
         return self.budget - self.used
 
-    def set_forecast(self, ranking: Callable[[], list[Key]]) -> None:
-        """The files expected next, soonest first, when asked (learn.plan):
-        a prefetch evicts by them, and so does a predictive policy."""
+    def set_forecast(self, ranking: Callable[[], dict[Key, int]]) -> None:
+        """Each expected file's place in the forecast, when asked
+        (learn.plan): a prefetch evicts by it, and so does a predictive
+        policy."""
         self._ranking = ranking
         if isinstance(self.policy, PredictivePolicy):
             self.policy.set_forecast(ranking)
@@ -57,7 +58,7 @@ class Residency:
         expected at all before any): what a prefetch evicts. A staged file
         pushes out what the forecast needs last, whatever the policy, so
         that staging does not evict files the next loads reread."""
-        rank = {k: i for i, k in enumerate(self._ranking())}
+        rank = self._ranking()
         return iter(sorted(self.policy.victims(), key=lambda k: -rank.get(k, len(rank))))
 
     def opened(self, key: Key, size: int, stream: Hashable = None) -> bool:

@@ -185,7 +185,7 @@ def test_a_prefetch_evicts_in_the_forecasts_order_ranked_only_when_needed():
 
     def ranking():
         asked.append(1)
-        return ["a", "c"]
+        return {"a": 0, "c": 1}
 
     core.set_forecast(ranking)
     assert core.room("x", 10, ahead=True) == (["b"], None)
