@@ -518,3 +518,43 @@ def test_a_directory_handle_opened_before_a_swap_vouches_for_nothing(tmp_path, m
         finally:
             os.close(before)
             os.close(after)
+
+
+def test_a_listing_stays_true_as_a_directory_gains_and_loses_subdirectories(cold, mounter):
+    """Only a directory without subdirectories has its listing kept by the
+    kernel (fs.opendir): a leaf whose listing is kept, then given a
+    subdirectory (no longer kept), then a leaf again (kept anew), lists
+    what the cold directory holds at each step, never a listing of before;
+    and every byte read through it is the cold file's."""
+    leaf = cold / "leaf"
+    leaf.mkdir()
+    write_random(leaf / "a.bin", 3000, 1)
+    m = mounter(cold, extra=["--log-level", "debug"])
+    assert m.stats()["cold_watch"]["active"]
+
+    def listing() -> list[str]:
+        return sorted(os.listdir(m.path("leaf")))
+
+    steps = [
+        (lambda: None, ["a.bin"]),
+        (lambda: (leaf / "sub").mkdir(), ["a.bin", "sub"]),
+        (lambda: write_random(leaf / "sub" / "s.bin", 2000, 2), ["a.bin", "sub"]),
+        (lambda: write_random(leaf / "b.bin", 4000, 3), ["a.bin", "b.bin", "sub"]),
+        (lambda: ((leaf / "sub" / "s.bin").unlink(), (leaf / "sub").rmdir()), ["a.bin", "b.bin"]),
+        (lambda: (leaf / "a.bin").unlink(), ["b.bin"]),
+        (lambda: write_random(leaf / "c.bin", 5000, 4), ["b.bin", "c.bin"]),
+    ]
+    for change, expected in steps:
+        for _ in range(2):  # listed twice: the second may come from the kernel's copy
+            listing()
+        change()
+        wait_for(lambda: listing() == expected, timeout=10, what=f"leaf to list {expected}")
+        assert _view(m.path("leaf")) == _view(leaf)
+        for name in expected:
+            if (leaf / name).is_file():
+                read_checked(m, cold, f"leaf/{name}")
+    # a leaf's listing is kept: listed again, it is not read from the daemon
+    listing()
+    since = m.log.stat().st_size
+    listing()
+    assert "readdir" not in _requests(m, since)
