@@ -15,7 +15,8 @@ import tomllib
 import click
 from click.core import ParameterSource
 
-from .control import CONTROL_NAME, XATTR_PINNED, XATTR_TIER
+from . import control
+from .control import CONTROL_NAME
 from .errors import UserError
 from .passthrough import MODES as PASSTHROUGH_MODES
 from .policy import ADMISSIONS, POLICIES
@@ -373,10 +374,10 @@ def _files(paths):
             raise UserError(f"{path} does not exist")
 
 
-def _act(paths, name: bytes, value: bytes, verb: str):
+def _act(paths, verb: str):
     from .mount import aattsfs_mount_of
 
-    for path in paths:  # never set an xattr on a file outside a mount
+    for path in paths:  # act only on files of a mount
         try:
             os.lstat(path)
         except OSError as exc:
@@ -393,10 +394,17 @@ def _act(paths, name: bytes, value: bytes, verb: str):
     # on a pipe, where scripts read the one line of the result.
     bar = click.progressbar(length=sum(n for _, n in files), label=verb, file=sys.stderr,
                             show_percent=True, show_eta=True) if sys.stderr.isatty() else None
-    with bar or contextlib.nullcontext():
+    clients: dict[str, control.Client] = {}
+    with contextlib.ExitStack() as stack:
+        if bar is not None:
+            stack.enter_context(bar)
         for path, size in files:
+            real = os.path.realpath(path)
+            mountpoint = aattsfs_mount_of(real)
             try:
-                os.setxattr(path, name, value)
+                if mountpoint not in clients:
+                    clients[mountpoint] = stack.enter_context(control.Client(mountpoint))
+                clients[mountpoint].act(verb, os.path.relpath(real, mountpoint))
             except OSError as exc:
                 why = WHY_NOT_FAST.get(exc.errno, exc.strerror)
                 raise UserError(f"cannot {verb} {path}: {why}") from None
@@ -414,23 +422,28 @@ WHY_NOT_FAST = {
     errno.ENOSPC: "the fast tier's filesystem is full or failing; free space there or "
                   "lower --fast-size (see the daemon's log)",
     errno.EBUSY: "the file kept changing (or being evicted) while it was copied; try again",
+    errno.EPERM: "only root and the mount's owner may warm, evict, pin or unpin",
+    errno.ENODATA: "the daemon serving it has no control socket (started by an older "
+                   "aattsfs?); remount it",
+    errno.ECONNREFUSED: "the daemon serving it does not answer on its control socket; "
+                        "see its log",
 }
 
 
-ACTIONS = [  # (command, xattr, value, help)
-    ("warm", XATTR_TIER, b"fast",
-     "Promote files (directories: every file below) into the fast tier; waits until done."),
-    ("evict", XATTR_TIER, b"cold", "Drop files from the fast tier (they stay in the cold tier)."),
-    ("pin", XATTR_PINNED, b"1", "Promote files and keep them in the fast tier: never evicted."),
-    ("unpin", XATTR_PINNED, b"0", "Let pinned files be evicted again."),
+ACTIONS = [  # (command, help): control.ACTIONS
+    ("warm", "Promote files (directories: every file below) into the fast tier; waits "
+             "until done."),
+    ("evict", "Drop files from the fast tier (they stay in the cold tier)."),
+    ("pin", "Promote files and keep them in the fast tier: never evicted."),
+    ("unpin", "Let pinned files be evicted again."),
 ]
 
 
-def _action_command(verb: str, name: bytes, value: bytes, help_text: str) -> None:
+def _action_command(verb: str, help_text: str) -> None:
     @cli.command(verb, help=help_text)
     @click.argument("paths", nargs=-1, required=True)
     def command(paths):
-        _act(paths, name, value, verb)
+        _act(paths, verb)
 
 
 for _action in ACTIONS:

@@ -1,17 +1,32 @@
-"""The control surface: the hidden `.aatts/` directory and `user.aatts.*` xattrs.
+"""The control surface: the hidden `.aatts/` directory, `user.aatts.*`
+xattrs to read, and a socket for actions.
 
 `.aatts/stats` and `.aatts/tiers` are generated when opened (a consistent
 snapshot per open) and served with direct_io, so `cat` always sees the
-current content whatever size `stat` reports. Actions (warm, evict, pin)
-are requests on the file itself: setting `user.aatts.tier` to `fast` or
-`cold`, or `user.aatts.pinned` to 1 or 0. The CLI uses exactly that, so a
-shell user with `setfattr` has the same power and nothing touches the fast
-directory behind the daemon's back.
+current content whatever size `stat` reports.
+
+Actions (warm, evict, pin, unpin) cannot be requests through the mount: it
+is read-only for the kernel (docs/architecture.md, "A read-only mount"),
+which refuses a setxattr before the daemon sees it. They are lines on a
+Unix socket in the abstract namespace (nothing in a directory to go stale
+after kill -9) whose name the mount's root gives in `user.aatts.control`;
+the daemon takes them only from root and the mount's owner, by the
+socket's peer credentials. Nothing touches the fast directory behind the
+daemon's back.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import posixpath
+import secrets
+import socket
+import stat
+import struct
+
+import trio
 
 from .store import Store
 
@@ -30,6 +45,10 @@ XATTR_TIER = b"user.aatts.tier"
 XATTR_HITS = b"user.aatts.hits"
 XATTR_PINNED = b"user.aatts.pinned"
 XATTRS = (XATTR_TIER, XATTR_HITS, XATTR_PINNED)
+XATTR_CONTROL = b"user.aatts.control"  # on the root: the control socket's name
+
+ACTIONS = ("warm", "evict", "pin", "unpin")
+MAX_REQUEST = 1 << 16  # bytes of one request line
 
 
 def render(store: Store, name: str) -> bytes:
@@ -57,3 +76,100 @@ def get_xattr(store: Store, rel: str, name: bytes) -> bytes:
     if name == XATTR_HITS:
         return str(rec.hits).encode()
     return b"1" if rec.pinned else b"0"
+
+
+# -- actions over the control socket -----------------------------------------
+
+def socket_name() -> bytes:
+    """A fresh abstract socket name, unguessable so no one can take it first."""
+    return f"aattsfs-{os.getpid()}-{secrets.token_hex(8)}".encode()
+
+
+async def act(store: Store, action: str, rel: str) -> None:
+    """Carry out one action on the cold directory's regular file rel (OSError
+    with the errno the CLI explains otherwise; see Store.warm)."""
+    if action not in ACTIONS:
+        raise OSError(errno.EINVAL, "no such action")
+    if not rel or rel != posixpath.normpath(rel) or rel.startswith(("/", "../")) \
+            or rel.split("/", 1)[0] in (CONTROL_NAME, ".."):
+        raise OSError(errno.ENOENT, "not a file of the mount")
+    if not stat.S_ISREG((await store.cold_call(store.cold.lstat, rel)).st_mode):
+        raise OSError(errno.EOPNOTSUPP, "not a regular file")
+    if action == "warm":
+        await store.warm(rel)
+    elif action == "evict":
+        store.evict(rel)
+    else:
+        await store.set_pinned(rel, action == "pin")
+
+
+async def serve(store: Store, name: bytes, allowed: frozenset[int],
+                task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Answer action requests on the abstract socket `name` until cancelled:
+    JSON lines {"action": A, "path": REL}, each answered {"errno": 0} when
+    done, or with the error's number and text."""
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    await sock.bind(b"\0" + name)
+    sock.listen(16)
+    task_status.started()
+
+    async def client(stream: trio.SocketStream) -> None:
+        creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                         struct.calcsize("3i"))
+        uid = struct.unpack("3i", creds)[1]
+        buf = b""
+        async with stream:
+            while True:
+                try:
+                    chunk = await stream.receive_some(MAX_REQUEST)
+                except trio.BrokenResourceError:
+                    return
+                if not chunk:
+                    return
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    await stream.send_all(json.dumps(await _answer(line, uid)).encode() + b"\n")
+                if len(buf) > MAX_REQUEST:
+                    return
+
+    async def _answer(line: bytes, uid: int) -> dict:
+        if uid not in allowed:
+            return {"errno": errno.EPERM, "error": "only root and the mount's owner may"}
+        try:
+            req = json.loads(line)
+            await act(store, req["action"], req["path"])
+        except OSError as exc:
+            return {"errno": exc.errno or errno.EIO, "error": exc.strerror or str(exc)}
+        except (ValueError, KeyError, TypeError):
+            return {"errno": errno.EINVAL, "error": "not a request"}
+        return {"errno": 0}
+
+    await trio.serve_listeners(client, [trio.SocketListener(sock)])
+
+
+class Client:
+    """The CLI's side: one connection to the daemon serving a mount point."""
+
+    def __init__(self, mountpoint: str) -> None:
+        name = os.getxattr(mountpoint, XATTR_CONTROL)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.connect(b"\0" + name)
+        self.replies = self.sock.makefile("rb")
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.replies.close()
+        self.sock.close()
+
+    def act(self, action: str, rel: str) -> None:
+        """Raises OSError with the daemon's errno if the action failed."""
+        self.sock.sendall(json.dumps({"action": action, "path": rel}).encode() + b"\n")
+        line = self.replies.readline()
+        if not line:
+            raise OSError(errno.ECONNRESET, "the daemon closed the control socket")
+        reply = json.loads(line)
+        if reply["errno"]:
+            raise OSError(reply["errno"], reply.get("error", ""))

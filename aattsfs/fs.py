@@ -124,6 +124,7 @@ class Operations(pyfuse3.Operations):
         self._stats: dict[int, os.stat_result] = {}  # ino -> attributes last seen
         self._started_ns = time.time_ns()
         self._warned_ro = False
+        self.control_name = b""  # the control socket's abstract name (control.serve)
         self.initialized = trio.Event()  # the kernel's INIT was answered
         if self.cold.exists(control.CONTROL_NAME):
             log.warning("the cold directory has an entry named %s; it is hidden by the "
@@ -270,33 +271,23 @@ class Operations(pyfuse3.Operations):
                                   [self._control_attr(ino) for ino in control.CONTROL_FILES.values()])
             return fh
         rel = self.ns.path(inode)
-        # The kernel marks a directory's atime stale each time it reads the
-        # listing from us (fuse_invalidate_atime, on a mount that is not
-        # read-only), so its next stat is a GETATTR. A listing the kernel
-        # keeps is never read again, and neither refreshes the attributes of
-        # the directories it holds: `ls -l` of it then costs a round trip per
-        # subdirectory (docs/benchmarks.md). Read again, one READDIRPLUS
-        # refreshes them all. So only a directory without subdirectories (a
-        # link count of 2) has its listing kept.
-        st = self._stats.get(inode)
-        keep = st is None or st.st_nlink <= 2
-        listed = self._listed.get(inode) if keep else None
+        listed = self._listed.get(inode)
         if listed and self.store.listing_current(rel, listed):
             # The kernel keeps the listing it was given until the watch sees
             # it change (invalidate_changes): no cold call unless it asks
             self._dirs[fh | passthrough.CACHE_DIR] = _Dir(rel, None, None, ino=inode)
             return fh | passthrough.CACHE_DIR
-        d = await self._list(inode, rel, keep)
+        d = await self._list(inode, rel)
         if inode in self._listed:
             fh |= passthrough.CACHE_DIR  # the C hooks turn this bit into the flags
         self._dirs[fh] = d  # a snapshot: offsets stay valid for this handle
         return fh
 
-    async def _list(self, inode: int, rel: str, keep: bool = True) -> _Dir:
+    async def _list(self, inode: int, rel: str) -> _Dir:
         """The cold directory rel read now; noted in _listed if the kernel
-        may cache the listing (`keep`: it should)."""
+        may cache the listing."""
         fd, names, watched, listed = await self.store.cold_opendir(rel)
-        if listed and keep:
+        if listed:
             self._listed[inode] = listed
         else:
             self._listed.pop(inode, None)
@@ -590,6 +581,8 @@ class Operations(pyfuse3.Operations):
             # "Not supported" (not "no such attribute") lets ls remember, per
             # device, not to ask again: see docs/inspection.md.
             raise FUSEError(errno.EOPNOTSUPP)
+        if inode == pyfuse3.ROOT_INODE and name == control.XATTR_CONTROL and self.control_name:
+            return self.control_name
         rel = await self._regular(inode)
         if rel is None or name not in control.XATTRS:
             raise FUSEError(pyfuse3.ENOATTR)
@@ -597,24 +590,9 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def listxattr(self, inode, ctx):
+        if inode == pyfuse3.ROOT_INODE:
+            return [control.XATTR_CONTROL] if self.control_name else []
         return list(control.XATTRS) if await self._regular(inode) is not None else []
-
-    @_handler
-    async def setxattr(self, inode, name, value, ctx):
-        rel = await self._regular(inode)
-        if rel is None or name not in (control.XATTR_TIER, control.XATTR_PINNED):
-            raise FUSEError(errno.EOPNOTSUPP)
-        if ctx.uid not in (0, self._owner[0]):
-            raise FUSEError(errno.EPERM)
-        value = bytes(value).strip()
-        if name == control.XATTR_PINNED and value in (b"0", b"1"):
-            await self.store.set_pinned(rel, value == b"1")
-        elif name == control.XATTR_TIER and value == b"fast":
-            await self.store.warm(rel)
-        elif name == control.XATTR_TIER and value == b"cold":
-            self.store.evict(rel)
-        else:
-            raise FUSEError(errno.EINVAL)
 
     # -- the write path is a later issue: refuse it clearly ----------------
 
@@ -653,6 +631,9 @@ class Operations(pyfuse3.Operations):
 
     async def write(self, fh, off, buf):
         self._read_only("write")
+
+    async def setxattr(self, inode, name, value, ctx):
+        self._read_only("setxattr")  # actions go through the control socket
 
     async def removexattr(self, inode, name, ctx):
         self._read_only("removexattr")

@@ -32,7 +32,7 @@ import trio
 from .errors import UserError
 from .fs import Operations
 from .metadata import MetaStore
-from . import metrics, passthrough
+from . import control, metrics, passthrough
 from .policy import make_admission, make_policy
 from .residency import Residency
 from .prefetcher import Prefetcher
@@ -445,7 +445,10 @@ def _serve_mount(cfg: MountConfig, stack: contextlib.ExitStack, created: list[st
     # exists only once the loop runs: until then it waits, blocked (SIGTERM's
     # default action would end the daemon with the mount still there).
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-    options = set(pyfuse3.default_options) | {"fsname=aattsfs", "subtype=aattsfs"}
+    # Read-only for the kernel: it then never marks an inode's atime stale
+    # after a read or a listing, which would cost a GETATTR at the next stat
+    # (docs/architecture.md, "A read-only mount")
+    options = set(pyfuse3.default_options) | {"fsname=aattsfs", "subtype=aattsfs", "ro"}
     if cfg.allow_other:
         options.add("allow_other")
     try:
@@ -518,6 +521,9 @@ async def _serve(store: Store, ops: Operations, prefetcher: Prefetcher, cfg: Mou
     async with trio.open_nursery() as nursery:
         await nursery.start(store.run)
         await nursery.start(prefetcher.run)
+        name = control.socket_name()
+        await nursery.start(control.serve, store, name, frozenset({0, os.getuid()}))
+        ops.control_name = name
         nursery.start_soon(ops.invalidate_changes)
 
         async def watch_signals():

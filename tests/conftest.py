@@ -58,6 +58,17 @@ def run_cli(*args, check=True, **kw) -> subprocess.CompletedProcess:
     return proc
 
 
+def act(path, action: str) -> None:
+    """What `aattsfs warm|evict|pin|unpin PATH` asks the daemon, raising its
+    OSError (for tests that race actions against reads)."""
+    from aattsfs.control import Client
+    from aattsfs.mount import aattsfs_mount_of
+
+    mountpoint = aattsfs_mount_of(str(path))
+    with Client(mountpoint) as client:
+        client.act(action, os.path.relpath(os.path.realpath(path), mountpoint))
+
+
 class Mount:
     def __init__(self, root: Path, cold: Path, fast_size="256M", policy="lru",
                  extra=(), fast: Path | None = None, env: dict | None = None,

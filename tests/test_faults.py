@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import MiB, manifest, run_cli, sha256, wait_for, write_random
+from conftest import MiB, act, manifest, run_cli, sha256, wait_for, write_random
 
 NOSPACE_LOG = r"promotion of .* stopped: the fast tier's filesystem is full"
 FAILED_LOG = r"promotion of .* failed"
@@ -390,7 +390,7 @@ def test_fast_filesystem_fills_at_random_points(tmp_path, mounter, fast_tmpfs):
                 read_checked(m.path(rel), files[rel], tally, rrng, direct="direct" in how,
                              shuffled="shuffled" in how, what=rel)
                 if rrng.random() < 0.3:  # and again from scratch: a new promotion
-                    os.setxattr(m.path(rel), "user.aatts.tier", b"cold")
+                    act(m.path(rel), "evict")
             except OSError as exc:
                 tally.problem(f"{rel} ({how}): {exc!r}: a full fast tier must not fail reads")
 
@@ -866,8 +866,8 @@ def test_kill_9_during_promotions(tmp_path, mounter, fast_tmpfs):
             while not stop.is_set():
                 rel = wrng.choice(sorted(files))
                 try:
-                    os.setxattr(m.path(rel), "user.aatts.tier", b"cold")
-                    os.setxattr(m.path(rel), "user.aatts.tier", b"fast")
+                    act(m.path(rel), "evict")
+                    act(m.path(rel), "warm")
                 except OSError as exc:
                     if killed.is_set():
                         return

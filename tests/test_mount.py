@@ -15,7 +15,7 @@ from concurrent.futures import ProcessPoolExecutor
 import pytest
 
 from aattsfs.mount import is_mounted
-from conftest import PAGE_SLACK, BudgetWatch, MiB, manifest, run_cli, sha256, wait_for, write_random
+from conftest import PAGE_SLACK, BudgetWatch, act, MiB, manifest, run_cli, sha256, wait_for, write_random
 
 
 def test_view_matches_cold_tree(cold_tree, mounter):
@@ -253,8 +253,7 @@ def test_concurrent_readers_during_promotion_and_eviction(tmp_path, mounter):
         while not stop.is_set():
             name = rng.choice(names)
             try:
-                os.setxattr(m.path(name), "user.aatts.tier",
-                            rng.choice([b"fast", b"cold"]))
+                act(m.path(name), rng.choice(["warm", "evict"]))
             except OSError as exc:
                 # no room (all else in flight), or evicted again while warming
                 if exc.errno not in (errno.EDQUOT, errno.EBUSY):

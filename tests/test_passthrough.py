@@ -41,7 +41,7 @@ import pytest
 
 from aattsfs import passthrough
 from aattsfs.mount import is_mounted
-from conftest import BAD_LOG, BudgetWatch, MiB, run_cli, wait_for, write_random
+from conftest import BAD_LOG, BudgetWatch, MiB, act, run_cli, wait_for, write_random
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import modelgen  # noqa: E402
@@ -198,7 +198,7 @@ def check_safetensors(m, cold: Path, rel_dir: str) -> None:
 
 def warm_all(m, rels) -> None:
     for rel in rels:
-        os.setxattr(m.path(rel), TIER, b"fast")
+        act(m.path(rel), "warm")
         assert m.tier(rel) == "fast", rel
 
 
@@ -299,7 +299,7 @@ def test_auto_on_a_fast_dir_that_cannot_back_passthrough_says_why(tmp_path, over
     m = mounter(cold, fast=overlay_dir(), extra=["--passthrough", "auto"])
     pt = started(m)
     assert pt["mode"] == "auto" and pt["active"] is False and pt["reason"], pt
-    os.setxattr(m.path("f.bin"), TIER, b"fast")
+    act(m.path("f.bin"), "warm")
     assert read_whole(m.path("f.bin")) == want
     assert m.stats()["passthrough"]["opens"] == 0
     lines = [ln for ln in m.log.read_text().splitlines() if "passthrough off:" in ln]
@@ -391,7 +391,7 @@ try:
     while stats()["passthrough"]["reason"] == "the kernel has not answered yet":
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    os.setxattr(os.path.join(mnt, "f.bin"), "user.aatts.tier", b"fast")
+    subprocess.run([*aattsfs, "warm", os.path.join(mnt, "f.bin")], check=True)
     with open(os.path.join(mnt, "f.bin"), "rb") as f:
         data = f.read()
     print(json.dumps({"stats": stats(), "data": data.hex()}))
@@ -479,7 +479,7 @@ def test_a_promoted_file_is_read_by_the_kernel_not_the_daemon(mode, tmp_path, mo
     want = write_random(cold / "blob.bin", BLOB, 11).read_bytes()
     m = mounter(cold, extra=["--passthrough", mode])
     pt = started(m)
-    os.setxattr(m.path("blob.bin"), TIER, b"fast")  # promoted without a read through the mount
+    act(m.path("blob.bin"), "warm")  # promoted without a read through the mount
     assert m.tier("blob.bin") == "fast"
     s0 = m.stats()
     with open(m.path("blob.bin"), "rb", buffering=0) as f:
@@ -571,12 +571,12 @@ def test_concurrent_opens_while_promoted_evicted_and_promoted_again(tmp_path, mo
         for rel in order:
             if stop.is_set():
                 return
-            os.setxattr(m.path(rel), TIER, b"cold")
+            act(m.path(rel), "evict")
             if rel == "a.bin" and not held_seen:
                 held_seen.append(m.stats()["passthrough"]["held_evicted_bytes"])
             time.sleep(rng.random() * 0.05)
             try:
-                os.setxattr(m.path(rel), TIER, b"fast")
+                act(m.path(rel), "warm")
             except OSError as exc:  # evicted again while promoted: not with one churner
                 problems.add(f"warming {rel}: {exc!r}")
             problems.count("churns")
@@ -739,7 +739,7 @@ def test_kill_9_with_passthrough_opens_live_then_remount(tmp_path, mounter):
     check_preads(fa, files["a.bin"], rng, 10, "a.bin")
     assert mb[:] == files["b.bin"]
     check_direct_preads(fc, files["c.bin"], rng, 5, "c.bin")
-    os.setxattr(m.path("a.bin"), TIER, b"cold")  # evicted under its passthrough open
+    act(m.path("a.bin"), "evict")  # evicted under its passthrough open
     assert m.stats()["passthrough"]["backing_files"] == 2
 
     m.proc.kill()
@@ -795,13 +795,13 @@ def test_a_copy_changed_behind_the_daemon_is_never_joined_after_an_eviction(tmp_
     m = mounter(cold, extra=["--passthrough", "on"])
     m.expect_log(r"changed behind aattsfs.s back")
     path = m.path("a.bin")
-    os.setxattr(path, TIER, b"fast")
+    act(path, "warm")
     fd1 = os.open(path, os.O_RDONLY)
     try:
         assert m.stats()["passthrough"]["opens"] == 1
         with open(m.copy("a.bin"), "r+b") as copy:
             copy.write(b"EVIL" * 64)
-        os.setxattr(path, TIER, b"cold")  # the daemon's own unlink: not a reason to trust it
+        act(path, "evict")  # the daemon's own unlink: not a reason to trust it
         for step in ("evicted", "warmed again"):
             fd = os.open(path, os.O_RDONLY)
             try:
@@ -809,7 +809,7 @@ def test_a_copy_changed_behind_the_daemon_is_never_joined_after_an_eviction(tmp_
             finally:
                 os.close(fd)
             assert got == want, f"{step}: a new open read {first_diff(got, want)} off"
-            os.setxattr(path, TIER, b"fast")
+            act(path, "warm")
         assert m.stats()["copies_corrupt"] >= 1
     finally:
         os.close(fd1)
@@ -832,7 +832,7 @@ def test_another_user_cannot_lock_the_budget_with_passthrough_opens(open_root, m
         write_random(cold / f"{name}.bin", 3 * MiB, i).chmod(0o644)
     m = mounter(cold, root=open_root, fast_size="8M", extra=["--allow-other"])
     for name in "ab":
-        os.setxattr(m.path(f"{name}.bin"), TIER, b"fast")
+        act(m.path(f"{name}.bin"), "warm")
     holder = subprocess.Popen(["sh", "-c", HOLDER, "sh", m.path("a.bin"), m.path("b.bin"),
                                cold / "a.bin", cold / "b.bin"], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True, user=NOBODY, group=NOBODY,

@@ -4,6 +4,7 @@ SIGUSR1 dump, and a control surface that only root and the owner may use."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import signal
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from aattsfs.mount import is_mounted
-from conftest import MiB, run_cli, wait_for, write_random
+from conftest import MiB, act, run_cli, sha256, wait_for, write_random
 
 REPO = Path(__file__).resolve().parents[1]
 NOBODY = 65534
@@ -109,6 +110,29 @@ def test_the_systemd_unit_installs_and_verifies(tmp_path):
     assert out.returncode == 0, out.stderr
 
 
+def _as_nobody(fn):
+    """fn() run in a child as nobody; its OSError's errno, or 0."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            fn()
+        except OSError as exc:
+            code = exc.errno or 255
+        finally:
+            os.write(w, str(code).encode())
+            os._exit(0)
+    os.close(w)
+    out = os.read(r, 64)
+    os.close(r)
+    os.waitpid(pid, 0)
+    return int(out)
+
+
 def test_only_root_and_the_owner_may_use_the_control_surface(open_root, tmp_path, mounter):
     cold = tmp_path / "cold"
     write_random(cold / "shared.bin", MiB, 1).chmod(0o666)  # the kernel lets anyone try
@@ -121,18 +145,52 @@ def test_only_root_and_the_owner_may_use_the_control_surface(open_root, tmp_path
 
     tier = as_nobody("getfattr", "--only-values", "-n", "user.aatts.tier", path)
     assert tier.returncode == 0 and tier.stdout == "cold"  # looking is allowed
-    refused = as_nobody("setfattr", "-n", "user.aatts.tier", "-v", "fast", path)
-    assert refused.returncode != 0 and "not permitted" in refused.stderr
+    # the mount is read-only for the kernel: no one acts through xattrs
+    for user in (as_nobody, lambda *cmd: subprocess.run(cmd, capture_output=True, text=True)):
+        refused = user("setfattr", "-n", "user.aatts.tier", "-v", "fast", path)
+        assert refused.returncode != 0 and "Read-only file system" in refused.stderr
+    # and only root and the owner through the control socket
+    assert _as_nobody(lambda: act(path, "warm")) == errno.EPERM
     assert m.tier("shared.bin") == "cold" and m.stats()["promotions"] == 0
     assert as_nobody("cat", path).returncode == 0  # reading is allowed (and promotes)
     m.wait_tier("shared.bin")
-    for name, value in (("user.aatts.tier", "cold"), ("user.aatts.pinned", "1")):
-        refused = as_nobody("setfattr", "-n", name, "-v", value, path)
-        assert refused.returncode != 0 and "not permitted" in refused.stderr
+    for action in ("evict", "pin"):
+        assert _as_nobody(lambda: act(path, action)) == errno.EPERM
     assert m.tier("shared.bin") == "fast"
     assert os.getxattr(path, "user.aatts.pinned") == b"0"
     run_cli("evict", path)  # root may
     assert m.tier("shared.bin") == "cold"
+
+
+def test_the_control_socket_acts_only_on_the_mounts_regular_files(tmp_path, mounter):
+    from aattsfs.control import Client
+    cold = tmp_path / "cold"
+    write_random(cold / "d" / "f.bin", MiB, 1)
+    write_random(tmp_path / "outside.bin", MiB, 2)
+    (cold / "link").symlink_to("d/f.bin")
+    (cold / "up").symlink_to("../outside.bin")
+    m = mounter(cold)
+    with Client(str(m.path())) as client:
+        for rel, err in (("../outside.bin", errno.ENOENT), ("/etc/passwd", errno.ENOENT),
+                         ("d/../d/f.bin", errno.ENOENT), ("d//f.bin", errno.ENOENT),
+                         ("d", errno.EOPNOTSUPP), ("link", errno.EOPNOTSUPP),
+                         ("up", errno.EOPNOTSUPP), (".aatts/stats", errno.ENOENT),
+                         ("", errno.ENOENT), ("missing.bin", errno.ENOENT)):
+            with pytest.raises(OSError) as exc:
+                client.act("warm", rel)
+            assert exc.value.errno == err, rel
+        with pytest.raises(OSError) as exc:
+            client.act("delete", "d/f.bin")
+        assert exc.value.errno == errno.EINVAL
+        client.sock.sendall(b"not json\n")
+        assert b'"errno": 22' in client.replies.readline()
+        assert m.stats()["promotions"] == 0
+        client.act("warm", "d/f.bin")  # the same connection still serves
+    assert m.tier("d/f.bin") == "fast"
+    # the CLI resolves a link on the mount to the file it names
+    run_cli("evict", m.path("d"))
+    assert m.tier("d/f.bin") == "cold"
+    assert sha256(m.path("link")) == sha256(cold / "d" / "f.bin")
 
 
 def test_warm_shows_a_progress_bar_on_a_terminal_only(cold_tree, mounter):
