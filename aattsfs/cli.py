@@ -327,8 +327,11 @@ def status(mountpoint, as_json):
         ("bytes served", f"{size('bytes_served', 'fast')} fast, "
                          f"{size('bytes_served', 'cold')} cold (passthrough reads not seen)"),
         ("passthrough", f"{pt_state}; {count('passthrough', 'opens')} opens of "
-                        f"{size('passthrough', 'opened_bytes')}, "
-                        f"{count('passthrough', 'backing_files')} backing files"),
+                        f"{size('passthrough', 'opened_bytes')} from the fast tier, "
+                        f"{count('passthrough', 'page_cache_opens')} of "
+                        f"{size('passthrough', 'page_cache_bytes')} from the cold "
+                        f"tier's page cache, {count('passthrough', 'backing_files')} "
+                        "backing files"),
         ("cold watch", f"{cw_state}; {count('cold_watch', 'opens')} opens without a "
                        "cold-tier call"),
         ("cold bytes read", size("cold_bytes_read")),

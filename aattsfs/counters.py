@@ -81,6 +81,11 @@ COUNTERS: tuple[Counter, ...] = (
             "Opens the kernel served from a fast copy itself."),
     Counter("passthrough_bytes", "passthrough.opened_bytes", "passthrough_opened_bytes",
             "Sizes of the files opened in passthrough (their reads never reach the daemon)."),
+    Counter("page_cache_opens", "passthrough.page_cache_opens", "page_cache_opens",
+            "Opens of files not in the fast tier that the kernel served from the cold "
+            "file itself, wholly in its page cache at the open."),
+    Counter("page_cache_bytes", "passthrough.page_cache_bytes", "page_cache_opened_bytes",
+            "Sizes of the files opened so."),
     Counter("opens_watched", "cold_watch.opens", "cold_watch_opens",
             "Passthrough opens that needed no cold-tier call (the watch vouched)."),
     Counter("kernel_invalidations", "cold_watch.kernel_invalidations",

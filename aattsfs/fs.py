@@ -369,25 +369,35 @@ class Operations(pyfuse3.Operations):
         try:
             h = await self.store.open(self.ns.path(inode), ctx.pid,
                                       functools.partial(self._check_version, inode),
-                                      held=self.modes.passthrough(inode),
+                                      held=self.modes.passthrough(inode)
+                                      and not self.modes.cold_file(inode),
                                       lazy_cold=self.modes.enabled)
         except FileNotFoundError:
             # The path names nothing now, or a symlink (which the daemon does
             # not follow): the kernel looks it up again and retries once
             raise FUSEError(errno.ESTALE) from None
-        if self.modes.damaged(inode):
-            # Its live opens read a changed copy in the kernel, and a new
-            # open would have to join them: give the path a new inode, and
-            # the kernel looks it up again and retries (docs/passthrough.md)
+        if self.modes.damaged(inode) or flags & os.O_DIRECT and self.modes.cold_file(inode):
+            # Its live opens read a changed copy in the kernel, or (O_DIRECT)
+            # the cold file, whose filesystem may refuse an unaligned buffer
+            # where the daemon takes any, and a new open would have to join
+            # them: give the path a new inode, and the kernel looks it up
+            # again and retries (docs/passthrough.md)
             self.store.release(h)
             self.ns.retire(inode)
             raise FUSEError(errno.ESTALE)
         new_backing = not self.modes.passthrough(inode)
+        backing, size = h.fast_fd, h.entry.fast_bytes
+        hold = functools.partial(self.store.hold, h)
+        if backing is None and h.page_cached:
+            # Not fast, but all in the page cache: the kernel reads the cold
+            # file itself, as fast as a direct reader and without a second
+            # copy in this inode's page cache (docs/passthrough.md)
+            backing, size, hold = h.cold_fd.fd, 0, lambda: passthrough.COLD_FILE
         # O_DIRECT: not in passthrough unless the inode already is, since the
-        # kernel would then apply the fast tier's alignment rules (EINVAL on
-        # a disk for an unaligned buffer, where the daemon takes any)
-        bid = self.modes.open(inode, None if flags & os.O_DIRECT else h.fast_fd,
-                              h.entry.fast_bytes, ctx.uid, functools.partial(self.store.hold, h))
+        # kernel would then apply the backing filesystem's alignment rules
+        # (EINVAL on a disk for an unaligned buffer, where the daemon takes any)
+        bid = self.modes.open(inode, None if flags & os.O_DIRECT else backing, size, ctx.uid,
+                              hold)
         if not bid and h.cold_fd is None:
             # Served by the daemon: keep the cold file this open found, for
             # reads after an eviction (docs/reliability.md)
@@ -401,7 +411,7 @@ class Operations(pyfuse3.Operations):
         self._files[fh] = h
         self._inos[fh] = inode
         if bid:
-            self.store.passthrough_opened(h)
+            self.store.passthrough_opened(h, cold=self.modes.cold_file(inode))
             if new_backing and self._versions.pop(inode, None) is not None:
                 # pages cached-mode opens left are never read again: free them
                 self.store.start_soon(self._drop_pages, inode)

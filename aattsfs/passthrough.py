@@ -178,6 +178,19 @@ class Held(Protocol):
     def release(self) -> None: ...  # noqa: E704
 
 
+class _ColdFile:
+    """The Held of a cold file that backs passthrough opens: it is no copy,
+    nothing in the budget, and never damaged (its readers read the cold
+    file as it is, like a reader of the cold directory)."""
+    damaged = False
+
+    def release(self) -> None:
+        pass
+
+
+COLD_FILE = _ColdFile()
+
+
 @dataclass
 class _Backing:
     id: int
@@ -211,9 +224,10 @@ class OpenModes:
              hold: Callable[[], Held]) -> int:
         """The backing id for a new open of ino by `uid` (0: a cached-mode
         open). A passthrough open needs a fast copy (`fast_fd`, of `size`
-        bytes) unless the inode's backing file already serves it; `hold()`
-        is called when a backing file is made, and its result released
-        with it."""
+        bytes in the budget) unless the inode's backing file already serves
+        it; `hold()` is called when a backing file is made, and its result
+        released with it. A cold file wholly in the page cache may back it
+        too: its fd, size 0 and a hold giving COLD_FILE."""
         b = self._backing.get(ino)
         if b is not None:
             b.opens += 1
@@ -239,6 +253,12 @@ class OpenModes:
     def passthrough(self, ino: int) -> bool:
         """Whether new opens of ino must be passthrough opens."""
         return ino in self._backing
+
+    def cold_file(self, ino: int) -> bool:
+        """Whether the backing file of ino's passthrough opens is the cold
+        file (not a fast copy)."""
+        b = self._backing.get(ino)
+        return b is not None and b.held is COLD_FILE
 
     def damaged(self, ino: int) -> bool:
         """Whether ino's backing file is a copy found changed: new opens

@@ -47,8 +47,8 @@ from .counters import Stats
 from .metadata import FileRecord, MetaStore
 from .procs import Stream, stream_of
 from .residency import TOO_BIG, Residency
-from .tiers import (ColdTier, FastTier, SharedFd, digest_of, new_digest, same_copy,
-                    version_of)
+from .tiers import (ColdTier, FastTier, SharedFd, digest_of, new_digest, page_cached,
+                    same_copy, version_of)
 from .watch import ColdWatch
 
 log = logging.getLogger(__name__)
@@ -418,6 +418,9 @@ class Handle:
     cold_fd: SharedFd | None
     stream: Stream = (0, None)  # the process that opened it
     fast_fd: int | None = None
+    # not fast, but the whole cold file was in the page cache at the open:
+    # the kernel may read the cold file itself (docs/passthrough.md)
+    page_cached: bool = False
     prom: Promotion | None = None
     tried_promotion: bool = False
     ranges: list = field(default_factory=list)  # [offset, length] read, coalesced
@@ -1039,14 +1042,17 @@ class Store:
         """Open rel for reading; `check` may refuse the cold file opened (its
         stat; by raising) before anything is counted. `held`: the kernel
         serves this open from a copy passthrough opens hold (counted fast).
-        `lazy_cold`: a handle without a cold fd will do if the watch vouches
-        for the fast copy (a passthrough open never reads through the
-        daemon; `attach_cold` gives it one otherwise)."""
+        `lazy_cold` (passthrough is on): a handle without a cold fd will do if
+        the watch vouches for the fast copy (a passthrough open never reads
+        through the daemon; `attach_cold` gives it one otherwise); a cold
+        file wholly in the page cache is noted (`Handle.page_cached`)."""
         cold_fd, e, version = (lazy_cold and self._open_watched(rel, check)) or \
             await self._open_cold(rel, check)
         rec = e.record
         h = Handle(rel, version, e, cold_fd, stream_of(pid))
         h.fast_fd = self._open_fast(rel, e)
+        if lazy_cold and h.fast_fd is None and not held and cold_fd is not None:
+            h.page_cached = page_cached(cold_fd.fd, version[0])
         self.core.opened(rel, version[0], h.stream)
         if h.fast_fd is not None or held:
             rec.hits += 1
@@ -1099,9 +1105,7 @@ class Store:
                 except OSError as exc:  # a failing fast disk: the cold file has the bytes
                     self._copy_damaged(h.rel, exc)
                 continue
-            if not h.tried_promotion and not _active(h.entry.prom) and h.version[0] > 0:
-                h.tried_promotion = True
-                self._start_promotion(h.rel, h.entry, h.version, h.cold_fd, self.expected)
+            self._demand_promotion(h)
             if h.prom is not None:
                 prom = h.prom
                 if prom.present(off, size):
@@ -1130,11 +1134,28 @@ class Store:
                 raise OSError(errno.EIO, "the cold file was truncated while open", h.rel)
             return data, False
 
-    def passthrough_opened(self, h: Handle) -> None:
-        """Count an open the kernel serves from the fast copy itself; its
-        reads never reach the store, so it needs no fd of the copy."""
-        self.stats.passthrough_opens += 1
-        self.stats.passthrough_bytes += h.version[0]
+    def _demand_promotion(self, h: Handle) -> None:
+        """At the first read of a file that is not fast: promote it if
+        admission lets it in (else it is counted as bypassed)."""
+        if not h.tried_promotion and not _active(h.entry.prom) and h.version[0] > 0:
+            h.tried_promotion = True
+            self._start_promotion(h.rel, h.entry, h.version, h.cold_fd, self.expected)
+
+    def passthrough_opened(self, h: Handle, cold: bool = False) -> None:
+        """Count an open the kernel serves from a backing file itself: the
+        fast copy, or (`cold`) the cold file, all in the page cache. Its
+        reads never reach the store, so it needs no fd of the copy; an open
+        of a cold file that is not fast promotes it as its first read
+        would have (the fast tier then serves it after the page cache has
+        let it go)."""
+        if cold:
+            self.stats.page_cache_opens += 1
+            self.stats.page_cache_bytes += h.version[0]
+            if h.fast_fd is None:
+                self._demand_promotion(h)
+        else:
+            self.stats.passthrough_opens += 1
+            self.stats.passthrough_bytes += h.version[0]
         if h.cold_fd is None:
             self.stats.opens_watched += 1
         if h.fast_fd is not None:

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import mmap
 import re
 import stat
 import threading
@@ -44,6 +45,32 @@ class _OpenHow(ctypes.Structure):
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
+
+
+_SYS_CACHESTAT = 451  # Linux 6.5+, the same number on every architecture
+
+
+class _CacheStatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _CacheStat(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in
+                ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
+
+
+def page_cached(fd: int, size: int) -> bool:
+    """Whether all `size` bytes of the file open as fd are in the kernel's
+    page cache now, so reading them costs its filesystem no I/O
+    (cachestat(2); False without it). A query of the page cache only: it
+    never reaches the filesystem, so a hung cold tier cannot block it."""
+    if size <= 0:
+        return False
+    st = _CacheStat()
+    if _libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(_CacheStatRange(0, size)),
+                     ctypes.byref(st), 0) != 0:
+        return False
+    return st.nr_cache * mmap.PAGESIZE >= size
 
 
 def openat2(dirfd: int, path: str, flags: int, resolve: int = _RESOLVE) -> int:

@@ -58,6 +58,28 @@ def run_cli(*args, check=True, **kw) -> subprocess.CompletedProcess:
     return proc
 
 
+def drop_pages(root: Path) -> None:
+    """Drop the page cache of the file root, or of every file below it, as on a cold tier that
+    is not in memory: a file wholly in the page cache is opened in
+    passthrough to the cold file itself (docs/passthrough.md), and most
+    tests are about what the daemon does with reads. A test about that
+    passthrough reads the cold file first."""
+    os.sync()  # written pages are dirty until then, and DONTNEED keeps those
+    paths = [root] if root.is_file() else \
+        [Path(d) / n for d, _dirs, files in os.walk(root) for n in files]
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError:  # a FIFO, say
+            pass
+        finally:
+            os.close(fd)
+
+
 def act(path, action: str) -> None:
     """What `aattsfs warm|evict|pin|unpin PATH` asks the daemon, raising its
     OSError (for tests that race actions against reads)."""
@@ -88,6 +110,7 @@ class Mount:
         self.mnt.mkdir(parents=True, exist_ok=True)
 
     def start(self) -> "Mount":
+        drop_pages(self.cold)
         cmd = [sys.executable, "-m", "aattsfs", "mount", str(self.cold), str(self.mnt),
                "--foreground", "--fast-dir", str(self.fast), "--state-dir", str(self.state),
                "--fast-size", str(self.fast_size), "--policy", self.policy,

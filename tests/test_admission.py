@@ -8,19 +8,21 @@ import random
 import re
 
 import pytest
-from conftest import MiB, run_cli, wait_for, write_random
+from conftest import MiB, drop_pages, run_cli, wait_for, write_random
 
 
 def read_through(m, rel: str) -> None:
     """Read rel through the mount and check every byte against the cold
-    file; then drop its pages, so that the next open reads through the
-    daemon again, and wait for its promotion (if any) to land and for the
+    file; then drop its pages, and the cold file's, so that the next open
+    reads through the daemon again (not the kernel from the page cache),
+    and wait for its promotion (if any) to land and for the
     kernel's release of the open, which it sends after close() returns (a
     copy a passthrough open still holds cannot be evicted)."""
     with open(m.path(rel), "rb") as f:
         data = f.read()
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     assert data == (m.cold / rel).read_bytes(), f"wrong bytes from {rel}"
+    drop_pages(m.cold / rel)
     # (the stats file itself is open while it is read: 1)
     wait_for(lambda: (s := m.stats())["promotions_in_flight"] == 0 and s["open_files"] <= 1,
              what="promotions to land and the open to be released")

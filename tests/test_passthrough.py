@@ -852,3 +852,81 @@ def test_another_user_cannot_lock_the_budget_with_passthrough_opens(open_root, m
     wait_for(lambda: m.stats()["passthrough"]["held_evicted_bytes"] == 0,
              what="the held copy to be released")
     assert m.stats()["fast_tier"]["used_bytes"] == 3 * MiB
+
+
+# -- cold files in the page cache ----------------------------------------------
+
+def page_cache(m) -> tuple[int, int]:
+    pt = m.stats()["passthrough"]
+    return pt["page_cache_opens"], pt["page_cache_bytes"]
+
+
+@needs_kernel
+def test_a_cold_file_in_the_page_cache_is_read_by_the_kernel_from_the_cold_file(tmp_path,
+                                                                                  mounter):
+    """A file not in the fast tier whose cold file is all in the page cache
+    opens in passthrough to the cold file: pread and mmap read the cold
+    bytes with no read reaching the daemon, and the open promotes it as a
+    first read would; a file with its pages dropped is served by the daemon; a
+    fast copy wins over the page cache; an O_DIRECT open beside a live one
+    gets a new inode served by the daemon (any buffer, no EINVAL); and a
+    live open sees the cold file as a direct reader does when it is
+    truncated in place: a short read, never a zero that was not there."""
+    from conftest import drop_pages
+    cold = tmp_path / "cold"
+    want = write_random(cold / "f.bin", BLOB, 5).read_bytes()
+    other = write_random(cold / "g.bin", BLOB, 6).read_bytes()
+    m = mounter(cold, extra=["--passthrough", "on", "--no-prefetch"])
+    assert started(m)["active"] is True
+    rng = random.Random(1)
+    assert (cold / "f.bin").read_bytes() == want  # into the page cache
+    with open(m.path("f.bin"), "rb") as f:
+        check_preads(f.fileno(), want, rng, 20, "f.bin in the page cache")
+        assert page_cache(m) == (1, BLOB)
+        assert check_mmap(m.path("f.bin"), want, rng, 10, "f.bin mmap")  # joins it
+        assert page_cache(m) == (2, 2 * BLOB)
+        assert daemon_reads(m) == 0
+        # an O_DIRECT open must not join the cold file's passthrough (a disk
+        # refuses an unaligned buffer): a new inode, served by the daemon
+        fd = os.open(m.path("f.bin"), os.O_RDONLY | os.O_DIRECT)
+        try:
+            assert os.fstat(fd).st_ino != os.fstat(f.fileno()).st_ino
+            check_preads(fd, want, rng, 5, "f.bin O_DIRECT, unaligned")
+        finally:
+            os.close(fd)
+    reads_before = daemon_reads(m)
+    assert reads_before > 0  # the O_DIRECT reads, and only they
+    m.wait_tier("f.bin")  # promoted at the open, as a first read would have
+
+    # pages dropped: the daemon serves it, and promotes it
+    drop_pages(cold / "g.bin")
+    wait_for(lambda: m.stats()["open_files"] <= 1, what="the opens to be released")
+    opens_before = page_cache(m)[0]
+    assert read_whole(m.path("g.bin")) == other
+    assert page_cache(m)[0] == opens_before and daemon_reads(m) > reads_before
+    m.wait_tier("g.bin")
+    # in the fast tier and in the page cache: the fast copy serves it
+    assert (cold / "g.bin").read_bytes() == other
+    wait_for(lambda: m.stats()["open_files"] <= 1, what="the opens to be released")
+    fast_opens = m.stats()["passthrough"]["opens"]
+    assert read_whole(m.path("g.bin")) == other
+    assert m.stats()["passthrough"]["opens"] == fast_opens + 1
+    assert page_cache(m)[0] == opens_before
+
+    # truncated in place under a live open of the cold file: what a direct
+    # reader gets, a short read, and the right bytes before it
+    wait_for(lambda: m.stats()["promotions_in_flight"] == 0, what="f.bin's promotion to end")
+    act(m.path("f.bin"), "evict")
+    assert (cold / "f.bin").read_bytes() == want
+    wait_for(lambda: m.stats()["open_files"] <= 1, what="the opens to be released")
+    opens_before = page_cache(m)[0]
+    fd = os.open(m.path("f.bin"), os.O_RDONLY)
+    try:
+        assert page_cache(m)[0] == opens_before + 1
+        assert os.pread(fd, 4096, 0) == want[:4096]
+        os.truncate(cold / "f.bin", BLOB // 2)
+        for off in (0, BLOB // 2 - 1000, BLOB // 2, BLOB - 10):
+            got = os.pread(fd, 4096, off)
+            assert got == want[off:min(off + 4096, BLOB // 2)], off
+    finally:
+        os.close(fd)
