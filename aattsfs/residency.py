@@ -98,8 +98,16 @@ class Residency:
         def may_go(k: Key) -> bool:
             return k not in protect and evictable(k)
 
-        # (ranked only if something must go: ranking is the costly part)
-        order = self._by_forecast() if ahead and size > self.free else self.policy.victims()
+        if ahead and size > self.free:
+            # Ranking is the costly part: not when evicting every file that
+            # may go would not make room anyway (files open or held, or
+            # expected first: a staging plan longer than the tier retries
+            # such files at every plan)
+            if not self._could_free(size, may_go):
+                return [], NO_ROOM
+            order = self._by_forecast()
+        else:
+            order = self.policy.victims()
         victims, enough = choose_victims(order, size, self.free,
                                          self.resident.__getitem__, may_go)
         if not enough:
@@ -122,6 +130,16 @@ class Residency:
             if enough and self.admission.on_probation(key, size, victims):
                 return victims, None
         return [], NOT_ADMITTED
+
+    def _could_free(self, size: int, may_go: Callable[[Key], bool]) -> bool:
+        """Whether evicting every file that may go would make room for size."""
+        room = self.free
+        for k, n in self.resident.items():
+            if room >= size:
+                return True
+            if may_go(k):
+                room += n
+        return room >= size
 
     def shrink_to_budget(self, evictable: Callable[[Key], bool]) -> list[Key]:
         """The files to drop, in policy order, to get back within the budget

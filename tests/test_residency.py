@@ -192,5 +192,10 @@ def test_a_prefetch_evicts_in_the_forecasts_order_ranked_only_when_needed():
     assert core.room("x", 20, ahead=True) == (["b", "c"], None)
     assert core.room("x", 10) == (["a"], None)  # a demand read: the policy's order
     assert len(asked) == 2
+    # nor when evicting all that may go would not make room: a staging plan
+    # longer than the tier asks again for the same files at every plan
+    assert core.room("x", 20, ahead=True, protect={"a", "c"}) == ([], NO_ROOM)
+    assert core.room("x", 30, ahead=True, evictable=lambda k: k == "b") == ([], NO_ROOM)
+    assert len(asked) == 2
     core.release(core.drop("b"))
     assert core.room("x", 10, ahead=True) == ([], None) and len(asked) == 2
