@@ -17,8 +17,10 @@ daemon's back.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import logging
 import os
 import posixpath
 import secrets
@@ -29,6 +31,8 @@ import struct
 import trio
 
 from .store import Store
+
+log = logging.getLogger(__name__)
 
 CONTROL_NAME = ".aatts"
 CONTROL_DIR_INO = 2
@@ -118,20 +122,19 @@ async def serve(store: Store, name: bytes, allowed: frozenset[int],
                                          struct.calcsize("3i"))
         uid = struct.unpack("3i", creds)[1]
         buf = b""
-        async with stream:
-            while True:
-                try:
+        # A client gone (or a request too long) ends its connection, never
+        # the daemon: an exception leaving here would end every task
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            async with stream:
+                while len(buf) <= MAX_REQUEST:
                     chunk = await stream.receive_some(MAX_REQUEST)
-                except trio.BrokenResourceError:
-                    return
-                if not chunk:
-                    return
-                buf += chunk
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    await stream.send_all(json.dumps(await _answer(line, uid)).encode() + b"\n")
-                if len(buf) > MAX_REQUEST:
-                    return
+                    if not chunk:
+                        return
+                    buf += chunk
+                    while b"\n" in buf:
+                        line, buf = buf.split(b"\n", 1)
+                        reply = await _answer(line, uid)
+                        await stream.send_all(json.dumps(reply).encode() + b"\n")
 
     async def _answer(line: bytes, uid: int) -> dict:
         if uid not in allowed:
@@ -143,6 +146,9 @@ async def serve(store: Store, name: bytes, allowed: frozenset[int],
             return {"errno": exc.errno or errno.EIO, "error": exc.strerror or str(exc)}
         except (ValueError, KeyError, TypeError):
             return {"errno": errno.EINVAL, "error": "not a request"}
+        except Exception:
+            log.exception("internal error in the control request %r", line[:200])
+            return {"errno": errno.EIO, "error": "internal error (see the daemon's log)"}
         return {"errno": 0}
 
     await trio.serve_listeners(client, [trio.SocketListener(sock)])

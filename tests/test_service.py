@@ -187,6 +187,15 @@ def test_the_control_socket_acts_only_on_the_mounts_regular_files(tmp_path, moun
         assert m.stats()["promotions"] == 0
         client.act("warm", "d/f.bin")  # the same connection still serves
     assert m.tier("d/f.bin") == "fast"
+    # clients that leave mid-request, or send a line without end, end their
+    # own connection only
+    name = os.getxattr(m.path(), "user.aatts.control")
+    for payload in (b'{"action": "evict", "path": "d/f.bin"}\n', b"x" * (1 << 17)):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(b"\0" + name)
+            s.sendall(payload)
+    with Client(str(m.path())) as client:
+        client.act("warm", "d/f.bin")
     # the CLI resolves a link on the mount to the file it names
     run_cli("evict", m.path("d"))
     assert m.tier("d/f.bin") == "cold"
