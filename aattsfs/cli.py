@@ -430,6 +430,7 @@ WHY_NOT_FAST = {
                    "aattsfs?); remount it",
     errno.ECONNREFUSED: "the daemon serving it does not answer on its control socket; "
                         "see its log",
+    errno.EUSERS: "the daemon has too many control connections open; try again",
 }
 
 

@@ -53,6 +53,12 @@ XATTR_CONTROL = b"user.aatts.control"  # on the root: the control socket's name
 
 ACTIONS = ("warm", "evict", "pin", "unpin")
 MAX_REQUEST = 1 << 16  # bytes of one request line
+# Any local user can connect to an abstract socket: those it refuses are
+# answered and closed at once, and its own users hold at most MAX_CLIENTS
+# connections, each closed after IDLE seconds without a whole request, so
+# that no one can use up the daemon's file descriptors (which its reads need)
+MAX_CLIENTS = 64
+IDLE = 60.0
 
 
 def render(store: Store, name: str) -> bytes:
@@ -94,7 +100,7 @@ async def act(store: Store, action: str, rel: str) -> None:
     with the errno the CLI explains otherwise; see Store.warm)."""
     if action not in ACTIONS:
         raise OSError(errno.EINVAL, "no such action")
-    if not rel or rel != posixpath.normpath(rel) or rel.startswith(("/", "../")) \
+    if not rel or "\0" in rel or rel != posixpath.normpath(rel) or rel.startswith(("/", "../")) \
             or rel.split("/", 1)[0] in (CONTROL_NAME, ".."):
         raise OSError(errno.ENOENT, "not a file of the mount")
     if not stat.S_ISREG((await store.cold_call(store.cold.lstat, rel)).st_mode):
@@ -116,8 +122,10 @@ async def serve(store: Store, name: bytes, allowed: frozenset[int],
     await sock.bind(b"\0" + name)
     sock.listen(16)
     task_status.started()
+    clients = 0
 
     async def client(stream: trio.SocketStream) -> None:
+        nonlocal clients
         creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                          struct.calcsize("3i"))
         uid = struct.unpack("3i", creds)[1]
@@ -126,19 +134,29 @@ async def serve(store: Store, name: bytes, allowed: frozenset[int],
         # the daemon: an exception leaving here would end every task
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             async with stream:
-                while len(buf) <= MAX_REQUEST:
-                    chunk = await stream.receive_some(MAX_REQUEST)
-                    if not chunk:
-                        return
-                    buf += chunk
-                    while b"\n" in buf:
-                        line, buf = buf.split(b"\n", 1)
-                        reply = await _answer(line, uid)
-                        await stream.send_all(json.dumps(reply).encode() + b"\n")
+                if uid not in allowed or clients >= MAX_CLIENTS:
+                    why = (errno.EPERM, "only root and the mount's owner may") \
+                        if uid not in allowed else (errno.EUSERS, "too many connections")
+                    await stream.send_all(json.dumps({"errno": why[0], "error": why[1]})
+                                          .encode() + b"\n")
+                    return
+                clients += 1
+                try:
+                    while len(buf) <= MAX_REQUEST:
+                        chunk = b""
+                        with trio.move_on_after(IDLE):
+                            chunk = await stream.receive_some(MAX_REQUEST)
+                        if not chunk:
+                            return
+                        buf += chunk
+                        while b"\n" in buf:
+                            line, buf = buf.split(b"\n", 1)
+                            reply = await _answer(line)
+                            await stream.send_all(json.dumps(reply).encode() + b"\n")
+                finally:
+                    clients -= 1
 
-    async def _answer(line: bytes, uid: int) -> dict:
-        if uid not in allowed:
-            return {"errno": errno.EPERM, "error": "only root and the mount's owner may"}
+    async def _answer(line: bytes) -> dict:
         try:
             req = json.loads(line)
             await act(store, req["action"], req["path"])
@@ -172,7 +190,10 @@ class Client:
 
     def act(self, action: str, rel: str) -> None:
         """Raises OSError with the daemon's errno if the action failed."""
-        self.sock.sendall(json.dumps({"action": action, "path": rel}).encode() + b"\n")
+        try:
+            self.sock.sendall(json.dumps({"action": action, "path": rel}).encode() + b"\n")
+        except BrokenPipeError:
+            pass  # refused: the daemon answered and closed before reading
         line = self.replies.readline()
         if not line:
             raise OSError(errno.ECONNRESET, "the daemon closed the control socket")

@@ -91,7 +91,7 @@ def openat2(dirfd: int, path: str, flags: int, resolve: int = _RESOLVE) -> int:
 def check_rel(rel: str) -> str:
     """rel as the namespace builds it: names joined by '/', none empty, '.'
     or '..'. Anything else (say, from a model index file) names no file."""
-    if rel and any(part in ("", ".", "..") for part in rel.split("/")):
+    if rel and ("\0" in rel or any(part in ("", ".", "..") for part in rel.split("/"))):
         raise OSError(errno.ENOENT, "not a plain relative path", rel)
     return rel
 

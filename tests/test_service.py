@@ -149,8 +149,22 @@ def test_only_root_and_the_owner_may_use_the_control_surface(open_root, tmp_path
     for user in (as_nobody, lambda *cmd: subprocess.run(cmd, capture_output=True, text=True)):
         refused = user("setfattr", "-n", "user.aatts.tier", "-v", "fast", path)
         assert refused.returncode != 0 and "Read-only file system" in refused.stderr
-    # and only root and the owner through the control socket
+    # and only root and the owner through the control socket; others are
+    # answered and closed at once, so no one can hold the daemon's fds
     assert _as_nobody(lambda: act(path, "warm")) == errno.EPERM
+
+    def hold_connections():
+        from aattsfs.control import XATTR_CONTROL
+        name = os.getxattr(m.path(), XATTR_CONTROL)
+        for _ in range(200):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(b"\0" + name)
+            if s.recv(4096) == b"":  # closed without a reply
+                raise OSError(errno.EPROTO, "no reply")
+            if s.recv(4096) != b"":  # not closed after the reply
+                raise OSError(errno.EBADE, "the daemon kept the connection")
+
+    assert _as_nobody(hold_connections) == 0
     assert m.tier("shared.bin") == "cold" and m.stats()["promotions"] == 0
     assert as_nobody("cat", path).returncode == 0  # reading is allowed (and promotes)
     m.wait_tier("shared.bin")
@@ -172,6 +186,7 @@ def test_the_control_socket_acts_only_on_the_mounts_regular_files(tmp_path, moun
     m = mounter(cold)
     with Client(str(m.path())) as client:
         for rel, err in (("../outside.bin", errno.ENOENT), ("/etc/passwd", errno.ENOENT),
+                         ("d/f.bin\0x", errno.ENOENT), ("d\0", errno.ENOENT),
                          ("d/../d/f.bin", errno.ENOENT), ("d//f.bin", errno.ENOENT),
                          ("d", errno.EOPNOTSUPP), ("link", errno.EOPNOTSUPP),
                          ("up", errno.EOPNOTSUPP), (".aatts/stats", errno.ENOENT),
