@@ -366,13 +366,23 @@ def status(mountpoint, as_json):
 
 
 def _files(paths):
+    """The regular files the paths name: a link named here is followed, the
+    links met walking a directory are not (their targets are walked too, or
+    lie outside)."""
     for path in paths:
+        if CONTROL_NAME in os.path.normpath(path).split(os.sep):
+            raise UserError(f"{path} is in aattsfs's control directory, not a file of the "
+                            "cold directory")
         if os.path.isdir(path) and not os.path.islink(path):
             for dirpath, _dirs, files in os.walk(path):
                 for name in sorted(files):
-                    yield os.path.join(dirpath, name)
-        elif os.path.lexists(path):
+                    if not os.path.islink(os.path.join(dirpath, name)):
+                        yield os.path.join(dirpath, name)
+        elif os.path.isfile(path):
             yield path
+        elif os.path.lexists(path):
+            raise UserError(f"{path} is not a regular file or a directory (or a link to one "
+                            "on the mount)")
         else:
             raise UserError(f"{path} does not exist")
 
@@ -391,7 +401,7 @@ def _act(paths, verb: str):
             continue  # reported as missing below
         if aattsfs_mount_of(path) is None:
             raise UserError(f"{path} is not on an aattsfs mount")
-    files = [(p, os.path.getsize(p)) for p in _files(paths) if not os.path.islink(p)]
+    files = [(p, os.path.getsize(p)) for p in _files(paths)]
     files = [(p, n) for p, n in files if n]
     # A bar by bytes on a terminal (warm waits for each promotion); nothing
     # on a pipe, where scripts read the one line of the result.
@@ -404,12 +414,15 @@ def _act(paths, verb: str):
         for path, size in files:
             real = os.path.realpath(path)
             mountpoint = aattsfs_mount_of(real)
+            if mountpoint is None:
+                raise UserError(f"{path} leads to {real}, which is not on an aattsfs mount")
             try:
                 if mountpoint not in clients:
                     clients[mountpoint] = stack.enter_context(control.Client(mountpoint))
                 clients[mountpoint].act(verb, os.path.relpath(real, mountpoint))
             except OSError as exc:
-                why = WHY_NOT_FAST.get(exc.errno, exc.strerror)
+                why = "it is pinned; unpin it first" if (verb, exc.errno) == (
+                    "evict", errno.EBUSY) else WHY_NOT_FAST.get(exc.errno, exc.strerror)
                 raise UserError(f"cannot {verb} {path}: {why}") from None
             if bar is not None:
                 bar.update(size)

@@ -108,6 +108,8 @@ async def act(store: Store, action: str, rel: str) -> None:
     if action == "warm":
         await store.warm(rel)
     elif action == "evict":
+        if store.record(rel).pinned:  # a pin means never evicted
+            raise OSError(errno.EBUSY, "pinned")
         store.evict(rel)
     else:
         await store.set_pinned(rel, action == "pin")

@@ -211,10 +211,18 @@ def test_the_control_socket_acts_only_on_the_mounts_regular_files(tmp_path, moun
             s.sendall(payload)
     with Client(str(m.path())) as client:
         client.act("warm", "d/f.bin")
-    # the CLI resolves a link on the mount to the file it names
     run_cli("evict", m.path("d"))
     assert m.tier("d/f.bin") == "cold"
+    # the CLI follows a link it is given to the file it names
+    assert run_cli("warm", m.path("link")).stdout == "warm: 1 file(s), 1.0 MiB\n"
+    assert m.tier("d/f.bin") == "fast"
     assert sha256(m.path("link")) == sha256(cold / "d" / "f.bin")
+    # a pinned file is not evicted; the control directory is no file to act on
+    run_cli("pin", m.path("d/f.bin"))
+    for args, why in ((("evict", m.path("d/f.bin")), "it is pinned; unpin it first"),
+                      (("warm", m.path(".aatts/stats")), "control directory")):
+        one_line_error(run_cli(*args, check=False), why)
+    assert m.tier("d/f.bin") == "fast"
 
 
 def test_warm_shows_a_progress_bar_on_a_terminal_only(cold_tree, mounter):
