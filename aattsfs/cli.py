@@ -496,9 +496,11 @@ def trace_generate(pattern, seed):
 @click.option("--admission", type=click.Choice(sorted(ADMISSIONS)), default="reuse",
               show_default=True, help="Admission filter, as the mount's --admission.")
 @click.option("--predictor", type=click.Choice(sorted(PREDICTORS)), default="markov",
-              show_default=True, help="Predictor of the predictive policy.")
-@click.option("--prefetch", type=click.Choice(sorted(PREDICTORS)), default=None,
-              help="Also stage the files this predictor expects, ahead of the requests.")
+              show_default=True, help="Predictor of the predictive policy and of "
+              "--prefetch, as the mount's --predictor.")
+@click.option("--prefetch/--no-prefetch", default=False, show_default=True,
+              help="Also stage the files the predictor expects, ahead of the requests "
+                   "(the mount's --prefetch; off here, to compare policies alone).")
 @click.option("--cold-bandwidth", type=SizeType(), default=None,
               help="Bytes a second the cold tier reads, e.g. 200M: model time (the "
                    "trace's gaps, reads one after the other) and report each policy's "
@@ -525,7 +527,7 @@ def sim(trace_file, budget, policies, admission, predictor, prefetch, cold_bandw
                         "to simulate")
     rows = {}
     for name in policies or sorted(POLICIES):
-        chosen = prefetch or (predictor if name == "predictive" else None)
+        chosen = predictor if prefetch or name == "predictive" else None
         label = name + (f"+{chosen}" if chosen else "") + ("+prefetch" if prefetch else "")
         rows[label] = simulate(requests, budget, make_policy(name),
                                Learner(chosen) if chosen else None, bool(prefetch),

@@ -121,7 +121,7 @@ def test_sim_cli(tmp_path):
     table = run_cli("sim", path, "--budget", "80M", "--policy", "lru").stdout
     assert "lru" in table and "lfu" not in table
     pf = run_cli("sim", path, "--budget", "80M", "--policy", "lru", "--prefetch",
-                 "ppm").stdout
+                 "--predictor", "ppm").stdout
     assert "lru+ppm+prefetch" in pf and "precision" in pf
     # with a bandwidth, the time against reading directly: LRU alone reads
     # everything (1.0), with the default admission 45% fewer bytes
