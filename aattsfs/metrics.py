@@ -23,12 +23,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import psutil
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
+from prometheus_client import ProcessCollector
 from prometheus_client.registry import CollectorRegistry
+
+from . import __version__
 
 from .counters import COUNTERS, value_at
 from .errors import UserError
@@ -94,7 +96,6 @@ class Exporter:
         self.store = store
         self.mountpoint = mountpoint
         self.token: trio.lowlevel.TrioToken | None = None
-        self.proc = psutil.Process(os.getpid())
 
     def _take(self) -> tuple[dict, dict]:  # on the trio thread
         latency = {t: (h.buckets(), h.sum) for t, h in self.store.stats.read_seconds.items()}
@@ -173,13 +174,11 @@ class Exporter:
             h.add_metric([tier], [(str(b) if b != float("inf") else "+Inf", n)
                                   for b, n in buckets], total)
         yield h
-        cpu = self.proc.cpu_times()
-        c = CounterMetricFamily("aattsfs_process_cpu_seconds",
-                                "CPU time of the daemon (user + system).")
-        c.add_metric([], cpu.user + cpu.system)
-        yield c
-        yield gauge("process_resident_memory_bytes", "Resident memory of the daemon.",
-                    self.proc.memory_info().rss)
+        # which daemon this is, when several on one box feed one Prometheus
+        info = GaugeMetricFamily("aattsfs_mount_info", "The mount this daemon serves (1).",
+                                 labels=["mountpoint", "cold", "version"])
+        info.add_metric([self.mountpoint, self.store.cold.root, __version__], 1)
+        yield info
 
 
 def _hang_up(sock: socket.socket) -> None:
@@ -292,6 +291,7 @@ def start(store: Store, address: tuple[str, int], mountpoint: str = "") -> Expor
     exporter = Exporter(store, mountpoint)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(exporter)
+    ProcessCollector(registry=registry)  # the standard process_* metrics
     handler = type("Handler", (_Handler,), {"exporter": exporter, "registry": registry})
     try:
         server = _Server(address, handler)

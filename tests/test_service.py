@@ -279,8 +279,15 @@ def test_prometheus_metrics_match_the_stats(cold_tree, mounter):
     assert samples[("aattsfs_passthrough_active", ())] == 1
     cw = s["cold_watch"]
     assert samples[("aattsfs_cold_watch_active", ())] == int(cw["active"]) == 1
-    assert samples[("aattsfs_process_resident_memory_bytes", ())] > 10 * MiB
-    assert samples[("aattsfs_process_cpu_seconds_total", ())] > 0
+    # the standard process metrics, and which mount this is
+    assert samples[("process_resident_memory_bytes", ())] > 10 * MiB
+    assert samples[("process_cpu_seconds_total", ())] > 0
+    assert samples[("process_open_fds", ())] > 0
+    from aattsfs import __version__
+    info = {(n, labels) for n, labels in samples if n == "aattsfs_mount_info"}
+    assert info == {("aattsfs_mount_info", (("cold", str(m.cold.resolve())),
+                                            ("mountpoint", str(m.path())),
+                                            ("version", __version__)))}, info
 
 
 def test_metrics_refuse_a_remote_address_and_a_taken_port(cold_tree, tmp_path):
