@@ -365,21 +365,38 @@ def status(mountpoint, as_json):
                        f"{'yes' if pinned == '1' else '':>3}  {path}")
 
 
+def _hub_revision(path: str) -> str:
+    """A Hugging Face hub cache's model directory (models--ORG--NAME) means
+    the snapshot its refs/main names; any other path means itself."""
+    try:
+        with open(os.path.join(path, "refs", "main")) as f:
+            rev = f.read().strip()
+    except OSError:
+        return path
+    snapshot = os.path.join(path, "snapshots", rev)
+    return snapshot if rev and "/" not in rev and os.path.isdir(snapshot) else path
+
+
 def _files(paths):
-    """The regular files the paths name: a link named here is followed, the
-    links met walking a directory are not (their targets are walked too, or
-    lie outside)."""
+    """The regular files the paths name, each once: links are followed to
+    regular files (a hub snapshot is all links into its blobs), and a hub
+    model directory means its refs/main snapshot."""
+    seen: set[str] = set()
     for path in paths:
         if CONTROL_NAME in os.path.normpath(path).split(os.sep):
             raise UserError(f"{path} is in aattsfs's control directory, not a file of the "
                             "cold directory")
-        if os.path.isdir(path) and not os.path.islink(path):
-            for dirpath, _dirs, files in os.walk(path):
+        if os.path.isdir(path):
+            for dirpath, _dirs, files in os.walk(_hub_revision(path)):
                 for name in sorted(files):
-                    if not os.path.islink(os.path.join(dirpath, name)):
-                        yield os.path.join(dirpath, name)
+                    file = os.path.join(dirpath, name)
+                    if os.path.isfile(file) and os.path.realpath(file) not in seen:
+                        seen.add(os.path.realpath(file))
+                        yield file
         elif os.path.isfile(path):
-            yield path
+            if os.path.realpath(path) not in seen:
+                seen.add(os.path.realpath(path))
+                yield path
         elif os.path.lexists(path):
             raise UserError(f"{path} is not a regular file or a directory (or a link to one "
                             "on the mount)")

@@ -225,6 +225,37 @@ def test_the_control_socket_acts_only_on_the_mounts_regular_files(tmp_path, moun
     assert m.tier("d/f.bin") == "fast"
 
 
+def test_warm_follows_a_hub_cache_to_its_blobs(tmp_path, mounter):
+    """A Hugging Face hub cache: snapshots/REV/NAME are relative links into
+    blobs/, refs/main names the revision. `warm` of a snapshot, or of the
+    model directory (meaning refs/main), promotes that revision's blobs,
+    each once; other revisions stay cold."""
+    model = tmp_path / "cold" / "models--org--tiny"
+    blobs = {}
+    for rev, names in (("aaa1", ("config.json", "model.safetensors")),
+                       ("bbb2", ("config.json", "model.safetensors", "extra.bin"))):
+        for i, name in enumerate(names):
+            blob = f"{rev}{i:02d}blob"
+            write_random(model / "blobs" / blob, 100_000 + 1000 * i, len(blobs) + 1)
+            (model / "snapshots" / rev).mkdir(parents=True, exist_ok=True)
+            (model / "snapshots" / rev / name).symlink_to(f"../../blobs/{blob}")
+            blobs[rev, name] = f"models--org--tiny/blobs/{blob}"
+    (model / "snapshots" / "aaa1" / "same-as-config.json").symlink_to(
+        "../../blobs/aaa100blob")  # a second name: warmed once
+    (model / "refs").mkdir()
+    (model / "refs" / "main").write_text("bbb2")
+    m = mounter(tmp_path / "cold")
+    out = run_cli("warm", m.path("models--org--tiny/snapshots/aaa1")).stdout
+    assert out.startswith("warm: 2 file(s)"), out
+    assert {k: m.tier(v) for k, v in blobs.items()} == {
+        k: "fast" if k[0] == "aaa1" else "cold" for k in blobs}
+    run_cli("evict", m.path("models--org--tiny/snapshots/aaa1"))
+    out = run_cli("warm", m.path("models--org--tiny")).stdout
+    assert out.startswith("warm: 3 file(s)"), out
+    assert {k: m.tier(v) for k, v in blobs.items()} == {
+        k: "fast" if k[0] == "bbb2" else "cold" for k in blobs}
+
+
 def test_warm_shows_a_progress_bar_on_a_terminal_only(cold_tree, mounter):
     m = mounter(cold_tree)
     target = m.path("models")
