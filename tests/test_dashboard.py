@@ -93,3 +93,32 @@ def test_dashboard_shows_live_data_matching_the_stats(cold_tree, mounter, browse
     assert not any("mid.bin" in row for row in hot)
     ARTIFACTS.mkdir(exist_ok=True)
     assert browser.save_screenshot(str(ARTIFACTS / "dashboard.png"))
+
+
+def test_a_chartjs_download_that_does_not_hash_as_pinned_is_refused(tmp_path, monkeypatch):
+    """The build step keeps Chart.js only if it is the pinned file: a
+    tampered or damaged download stops it with one line, nothing written."""
+    import io
+    import sys
+    import tarfile
+    import urllib.request
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import vendor_chartjs
+
+    def package(js: bytes) -> bytes:
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w:gz") as tar:
+            info = tarfile.TarInfo(vendor_chartjs.MEMBER)
+            info.size = len(js)
+            tar.addfile(info, io.BytesIO(js))
+        return out.getvalue()
+
+    for raw in (package(b"window.Chart = evil;"), b"not a tarball"):
+        monkeypatch.setattr(urllib.request, "urlopen",
+                            lambda *a, raw=raw, **k: io.BytesIO(raw))
+        dest = tmp_path / "chart.umd.js"
+        monkeypatch.setattr(sys, "argv", ["vendor_chartjs.py", str(dest)])
+        with pytest.raises(SystemExit) as exc:
+            vendor_chartjs.main()
+        assert str(exc.value).startswith("aattsfs: error: ") and "\n" not in str(exc.value)
+        assert not dest.exists()
