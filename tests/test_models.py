@@ -168,3 +168,69 @@ def test_a_model_larger_than_the_budget_loads_with_what_fits_staged(model_cold, 
     s = m.stats()
     assert s["prefetch"]["prefetches"] > 0  # the first shards, as far as they fit
     assert s["fast_tier"]["used_bytes"] <= budget
+
+
+def hub_cache(cache: Path, src: Path, repo: str, rev: str) -> None:
+    """The layout huggingface_hub writes: each file once in blobs/ under its
+    hash, snapshots/REV/NAME a relative link to it, refs/main naming REV."""
+    import hashlib
+    model = cache / f"models--{repo.replace('/', '--')}"
+    (model / "blobs").mkdir(parents=True)
+    (model / "snapshots" / rev).mkdir(parents=True)
+    for f in sorted(p for p in src.rglob("*") if p.is_file()):
+        data = f.read_bytes()
+        blob = hashlib.sha256(data).hexdigest()
+        (model / "blobs" / blob).write_bytes(data)
+        link = model / "snapshots" / rev / f.relative_to(src)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(model / "blobs" / blob, link.parent))
+    (model / "refs").mkdir()
+    (model / "refs" / "main").write_text(rev)
+
+
+HUB_LOAD = """
+import hashlib, json, sys
+from transformers import AutoModelForCausalLM
+from sentence_transformers import SentenceTransformer
+gpt2 = AutoModelForCausalLM.from_pretrained("acme/tiny-gpt2")
+st = SentenceTransformer("acme/minilm", device="cpu")
+print(json.dumps({
+    "gpt2": hashlib.sha256(b"".join(p.detach().numpy().tobytes()
+                                    for p in gpt2.parameters())).hexdigest(),
+    "minilm": hashlib.sha256(st.encode(["a tiered filesystem"]).tobytes()).hexdigest()}))
+"""
+
+
+def test_models_load_by_name_from_a_hub_cache_on_the_read_only_mount(model_cold, tmp_path,
+                                                                       mounter):
+    """HF_HUB_CACHE pointing at the mount of a hub cache, offline: from_pretrained
+    and SentenceTransformer load by repository name through the snapshots'
+    links, the same weights as from the cold cache, and nothing is written
+    anywhere in the cache (docs/huggingface.md)."""
+    import json
+    import subprocess
+    from conftest import manifest, run_cli
+    cache = tmp_path / "hub"
+    hub_cache(cache, model_cold / "gpt2", "acme/tiny-gpt2", "a" * 40)
+    hub_cache(cache, model_cold / "minilm", "acme/minilm", "b" * 40)
+    before = manifest(cache)
+    m = mounter(cache)
+
+    def load(hub: Path) -> dict:
+        env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path / "home"),
+               "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
+        out = subprocess.run([sys.executable, "-c", HUB_LOAD], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    want = load(cache)
+    assert load(m.path()) == want
+    assert m.stats()["opens"]["cold"] + m.stats()["opens"]["fast"] > 0
+    # warm of the model directory means its refs/main snapshot
+    run_cli("warm", m.path("models--acme--tiny-gpt2"))
+    blobs = os.listdir(cache / "models--acme--tiny-gpt2" / "blobs")
+    assert all(m.tier(f"models--acme--tiny-gpt2/blobs/{b}") == "fast" for b in blobs)
+    assert load(m.path()) == want
+    m.stop()
+    assert manifest(cache) == before
