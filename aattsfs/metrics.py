@@ -24,14 +24,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import trio
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, ProcessCollector, generate_latest
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
-from prometheus_client import ProcessCollector
 from prometheus_client.registry import CollectorRegistry
 
 from . import __version__
-
 from .counters import COUNTERS, value_at
 from .errors import UserError
 from .store import Store

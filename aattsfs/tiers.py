@@ -22,8 +22,8 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 import mmap
+import os
 import re
 import stat
 import threading

@@ -930,3 +930,37 @@ def test_a_cold_file_in_the_page_cache_is_read_by_the_kernel_from_the_cold_file(
             assert got == want[off:min(off + 4096, BLOB // 2)], off
     finally:
         os.close(fd)
+
+
+@needs_kernel
+def test_a_page_cache_open_keeps_its_file_when_the_cold_path_is_swapped(tmp_path, mounter):
+    """Under live opens of cold files in the page cache (pread and mmap),
+    the path is renamed over by another file, or swapped for a link to a
+    file outside the cold directory: each open keeps reading the file it
+    opened, byte for byte, and new opens see the new file, or nothing."""
+    cold = tmp_path / "cold"
+    old = {n: write_random(cold / n, BLOB, i).read_bytes() for i, n in enumerate(("r", "s"))}
+    new = write_random(tmp_path / "new.bin", BLOB, 9).read_bytes()
+    write_random(tmp_path / "outside" / "secret", BLOB, 10)
+    m = mounter(cold, extra=["--passthrough", "on", "--no-prefetch"])
+    assert started(m)["active"] is True
+    for n in old:
+        assert (cold / n).read_bytes() == old[n]  # into the page cache
+    fds = {n: os.open(m.path(n), os.O_RDONLY) for n in old}
+    maps = {n: mmap.mmap(fds[n], 0, prot=mmap.PROT_READ) for n in old}
+    try:
+        assert page_cache(m)[0] == 2
+        os.rename(tmp_path / "new.bin", cold / "r")  # renamed over
+        (cold / "s").unlink()
+        (cold / "s").symlink_to(tmp_path / "outside" / "secret")  # a link leading out
+        rng = random.Random(4)
+        for n in old:
+            check_preads(fds[n], old[n], rng, 20, f"{n} after the swap")
+            assert maps[n][:] == old[n], f"{n} mmap after the swap"
+        wait_for(lambda: read_whole(m.path("r")) == new, what="r to show the new file")
+        with pytest.raises(FileNotFoundError):
+            read_whole(m.path("s"))  # hidden: it leads outside
+    finally:
+        for n in old:
+            maps[n].close()
+            os.close(fds[n])
