@@ -7,6 +7,7 @@ FUSEError can escape it (anything else would end pyfuse3's main loop).
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -34,6 +35,10 @@ log = logging.getLogger(__name__)
 READDIR_BATCH = 256  # entries lstat'ed per worker-thread call
 COALESCE = 0.01  # seconds between rounds of cold-watch events read and invalidated
 STALE_AFTER = 0.5  # seconds getattr waits for the cold tier before answering from memory
+# An O_DIRECT open keeps its path's opens off its cold file for this long
+# (a reader using O_DIRECT tends to use it again), on this many paths at most
+DIRECT_SECONDS = 60.0
+MAX_DIRECT_PATHS = 4096
 OTHERS_SHARE = 0.5  # of the budget other users' passthrough opens may hold (OpenModes)
 _UNREAD = object()  # an entry's attributes, not lstat'ed yet
 
@@ -125,6 +130,9 @@ class Operations(pyfuse3.Operations):
         self._started_ns = time.time_ns()
         self._warned_ro = False
         self.control_name = b""  # the control socket's abstract name (control.serve)
+        # path -> when it was last opened with O_DIRECT: no passthrough to its
+        # cold file for a while (open)
+        self._direct: collections.OrderedDict[str, float] = collections.OrderedDict()
         self.initialized = trio.Event()  # the kernel's INIT was answered
         if self.cold.exists(control.CONTROL_NAME):
             log.warning("the cold directory has an entry named %s; it is hidden by the "
@@ -357,6 +365,12 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             self._read_only("open for writing")
+        if flags & os.O_DIRECT and inode not in control.CONTROL_INOS:
+            rel = self.ns.path(inode)
+            self._direct[rel] = time.monotonic()
+            self._direct.move_to_end(rel)
+            if len(self._direct) > MAX_DIRECT_PATHS:
+                self._direct.popitem(last=False)
         if inode in control.CONTROL_INOS:
             fh = self._new_fh()
             name = control.CONTROL_NAMES[inode]
@@ -388,10 +402,12 @@ class Operations(pyfuse3.Operations):
         new_backing = not self.modes.passthrough(inode)
         backing, size = h.fast_fd, h.entry.fast_bytes
         hold = functools.partial(self.store.hold, h)
-        if backing is None and h.page_cached:
+        if backing is None and h.page_cached and not self._direct_lately(h.rel):
             # Not fast, but all in the page cache: the kernel reads the cold
             # file itself, as fast as a direct reader and without a second
-            # copy in this inode's page cache (docs/passthrough.md)
+            # copy in this inode's page cache (docs/passthrough.md). Not for
+            # a path opened with O_DIRECT lately: such an open must not join
+            # it, and retried on a new inode it must not meet one again.
             backing, size, hold = h.cold_fd.fd, 0, lambda: passthrough.COLD_FILE
         # O_DIRECT: not in passthrough unless the inode already is, since the
         # kernel would then apply the backing filesystem's alignment rules
@@ -420,6 +436,10 @@ class Operations(pyfuse3.Operations):
         keep = self._versions.get(inode) == h.version
         self._versions[inode] = h.version
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
+
+    def _direct_lately(self, rel: str) -> bool:
+        when = self._direct.get(rel)
+        return when is not None and time.monotonic() - when < DIRECT_SECONDS
 
     async def invalidate_changes(self) -> None:
         """Run for the life of the mount with the cold watch on: whatever the

@@ -869,13 +869,15 @@ def test_a_cold_file_in_the_page_cache_is_read_by_the_kernel_from_the_cold_file(
     bytes with no read reaching the daemon, and the open promotes it as a
     first read would; a file with its pages dropped is served by the daemon; a
     fast copy wins over the page cache; an O_DIRECT open beside a live one
-    gets a new inode served by the daemon (any buffer, no EINVAL); and a
+    gets a new inode served by the daemon (any buffer, no EINVAL), and its
+    path stays off the cold file for a while; and a
     live open sees the cold file as a direct reader does when it is
     truncated in place: a short read, never a zero that was not there."""
     from conftest import drop_pages
     cold = tmp_path / "cold"
     want = write_random(cold / "f.bin", BLOB, 5).read_bytes()
     other = write_random(cold / "g.bin", BLOB, 6).read_bytes()
+    third = write_random(cold / "h.bin", BLOB, 7).read_bytes()
     m = mounter(cold, extra=["--passthrough", "on", "--no-prefetch"])
     assert started(m)["active"] is True
     rng = random.Random(1)
@@ -913,21 +915,30 @@ def test_a_cold_file_in_the_page_cache_is_read_by_the_kernel_from_the_cold_file(
     assert m.stats()["passthrough"]["opens"] == fast_opens + 1
     assert page_cache(m)[0] == opens_before
 
-    # truncated in place under a live open of the cold file: what a direct
-    # reader gets, a short read, and the right bytes before it
+    # a path opened with O_DIRECT lately stays off its cold file (a retried
+    # O_DIRECT open must not meet such an inode again): evicted and all in
+    # the page cache, f.bin is served by the daemon
     wait_for(lambda: m.stats()["promotions_in_flight"] == 0, what="f.bin's promotion to end")
     act(m.path("f.bin"), "evict")
     assert (cold / "f.bin").read_bytes() == want
     wait_for(lambda: m.stats()["open_files"] <= 1, what="the opens to be released")
     opens_before = page_cache(m)[0]
-    fd = os.open(m.path("f.bin"), os.O_RDONLY)
+    assert read_whole(m.path("f.bin")) == want
+    assert page_cache(m)[0] == opens_before
+
+    # truncated in place under a live open of the cold file: what a direct
+    # reader gets, a short read, and the right bytes before it
+    assert (cold / "h.bin").read_bytes() == third
+    wait_for(lambda: m.stats()["open_files"] <= 1, what="the opens to be released")
+    opens_before = page_cache(m)[0]
+    fd = os.open(m.path("h.bin"), os.O_RDONLY)
     try:
         assert page_cache(m)[0] == opens_before + 1
-        assert os.pread(fd, 4096, 0) == want[:4096]
-        os.truncate(cold / "f.bin", BLOB // 2)
+        assert os.pread(fd, 4096, 0) == third[:4096]
+        os.truncate(cold / "h.bin", BLOB // 2)
         for off in (0, BLOB // 2 - 1000, BLOB // 2, BLOB - 10):
             got = os.pread(fd, 4096, off)
-            assert got == want[off:min(off + 4096, BLOB // 2)], off
+            assert got == third[off:min(off + 4096, BLOB // 2)], off
     finally:
         os.close(fd)
 
