@@ -8,6 +8,7 @@ traceback that the test did not declare with `Mount.expect_log`.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -87,6 +88,8 @@ def act(path, action: str) -> None:
     from aattsfs.mount import aattsfs_mount_of
 
     mountpoint = aattsfs_mount_of(str(path))
+    if mountpoint is None:  # its daemon was killed, say: what setxattr said then
+        raise OSError(errno.ENOTCONN, "not on a live aattsfs mount", str(path))
     with Client(mountpoint) as client:
         client.act(action, os.path.relpath(os.path.realpath(path), mountpoint))
 
