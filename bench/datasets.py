@@ -23,11 +23,12 @@ def _build(dest: Path, make: Callable[[Path], None]) -> Path:
     return dest
 
 
-def sharded_model(dest: Path, layers: int, width: int, shard: str, seed: int = 0) -> Path:
+def sharded_model(dest: Path, layers: int, width: int, shard: str, seed: int = 0,
+                  vocab: int = 50257) -> Path:
     """A GPT-2-shaped transformers model with random weights, saved by
     `save_pretrained` in safetensors shards with an index."""
     import modelgen
-    return _build(dest, lambda d: modelgen.gpt2(d, layers, width, vocab=50257, shard=shard,
+    return _build(dest, lambda d: modelgen.gpt2(d, layers, width, vocab=vocab, shard=shard,
                                                 seed=seed))
 
 

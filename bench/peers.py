@@ -235,11 +235,12 @@ class JuiceFS(FuseTarget):
 class Aattsfs(FuseTarget):
     cached = True
 
-    def __init__(self, cold: Path, wrap: Wrap, name: str, options: list[str]) -> None:
+    def __init__(self, cold: Path, wrap: Wrap, name: str, options: list[str],
+                 work: Path = WORK, fast: Path = FAST) -> None:
         self.name = name
         self.options = options
-        super().__init__(cold, wrap)
-        self.cache = FAST
+        super().__init__(cold, wrap, work)
+        self.cache = fast
         self.state = self.work / f"state-{name}"
 
     def command(self, budget: int) -> list[str]:
