@@ -7,6 +7,7 @@ import contextlib
 import errno
 import json
 import os
+import posixpath
 import sys
 
 import re
@@ -355,14 +356,17 @@ def status(mountpoint, as_json):
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         click.echo(f"{key:<{width}}  {value}")
-    tiers = [line.split("\t", 5) for line in
+    tiers = [line.split("\t", 6) for line in
              _control_file(mountpoint, "tiers").decode(errors="replace").splitlines()[1:]]
-    tiers = [t for t in tiers if len(t) == 6 and t[1].isdigit()]  # skip what is not a row
+    tiers = [t for t in tiers if len(t) == 7 and t[1].isdigit()]  # skip what is not a row
     if tiers:
         click.echo(f"\n{'tier':<10} {'size':>10} {'hits':>6} {'pin':>3}  path")
-        for tier, nbytes, hits, _misses, pinned, path in tiers:
+        # by the names files were opened by: a hub snapshot's files together,
+        # each with the blob it is
+        for tier, nbytes, hits, _misses, pinned, path, name in sorted(tiers, key=lambda t: t[6]):
+            shown = name if name == path else f"{name} (-> {posixpath.basename(path)[:12]})"
             click.echo(f"{tier:<10} {format_size(int(nbytes)):>10} {hits:>6} "
-                       f"{'yes' if pinned == '1' else '':>3}  {path}")
+                       f"{'yes' if pinned == '1' else '':>3}  {shown}")
 
 
 def _hub_revision(path: str) -> str:

@@ -67,15 +67,20 @@ def render(store: Store, name: str) -> bytes:
         # ASCII JSON: a name's undecodable bytes are \udcXX escapes, which
         # json.loads and os.fsencode turn back into the bytes
         return "".join(json.dumps(ev) + "\n" for ev in store.trace()).encode()
-    lines = ["# tier\tsize\thits\tmisses\tpinned\tpath"]
+    # name: the link the file was last opened through (a hub snapshot's
+    # file, for a blob), or its path
+    lines = ["# tier\tsize\thits\tmisses\tpinned\tpath\tname"]
     for rel in sorted(store.entries):
         rec = store.entries[rel].record
-        # one line per file even if a name holds a tab or a newline
-        path = rel.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
         lines.append(f"{store.tier(rel)}\t{rec.size}\t{rec.hits}\t{rec.misses}\t"
-                     f"{int(rec.pinned)}\t{path}")
+                     f"{int(rec.pinned)}\t{_field(rel)}\t{_field(store.display_name(rel))}")
     # names are the file system's bytes, UTF-8 or not
     return ("\n".join(lines) + "\n").encode(errors="surrogateescape")
+
+
+def _field(name: str) -> str:
+    """One field per name even if it holds a tab or a newline."""
+    return name.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
 
 
 def get_xattr(store: Store, rel: str, name: bytes) -> bytes:

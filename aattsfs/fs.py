@@ -259,7 +259,7 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def readlink(self, inode, ctx):
         try:
-            target = await self._cold(self.cold.readlink, self.ns.path(inode))
+            target = await self.store.readlink(self.ns.path(inode))
         except OSError as exc:
             if exc.errno in (errno.EINVAL, errno.ENOENT):
                 # no longer a link, or gone: the kernel looks the path up

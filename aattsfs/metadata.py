@@ -121,7 +121,7 @@ _RECORD_FIELDS = {"size": _count, "mtime_ns": _int, "tier": lambda v: v in ("col
                   "last_access": _number}
 assert _RECORD_FIELDS.keys() == {f.name for f in fields(FileRecord)}
 _EVENT_FIELDS = {"t": _number, "op": lambda v: v in ("open", "read"), "path": _rel_path,
-                 "size": _count, "pid": _int, "start": lambda v: v is None or _number(v),
+                 "via": _rel_path, "size": _count, "pid": _int, "start": lambda v: v is None or _number(v),
                  "ranges": _ranges, "more_ranges": _count}
 
 

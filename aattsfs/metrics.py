@@ -111,7 +111,8 @@ class Exporter:
             "latency": {t: {"buckets": [["+Inf" if b == float("inf") else b, n]
                                         for b, n in buckets], "sum": total}
                         for t, (buckets, total) in latency.items()},
-            "hottest": [{"path": rel, "tier": store.tier(rel), "size": e.record.size,
+            "hottest": [{"path": rel, "name": store.display_name(rel), "tier": store.tier(rel),
+                         "size": e.record.size,
                          "opens": e.record.hits + e.record.misses} for rel, e in hot],
         }
 

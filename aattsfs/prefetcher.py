@@ -29,7 +29,7 @@ import trio
 from . import hints
 from .learn import ExpectedBy, Learner, plan
 from .procs import Stream, alive
-from .store import Promotion, Store
+from .store import Promotion, Store, remember
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +39,6 @@ MAX_CACHED = 4096  # entries of each cache: hints, sizes of hinted files, checke
 # (one per tensor) would otherwise pay a forecast on every open. The
 # forecast reaches far ahead, so planning a few opens late loses nothing.
 PLAN_INTERVAL = 0.02
-
-
-def _remember(cache: OrderedDict, key, value, limit: int) -> None:
-    cache[key] = value
-    cache.move_to_end(key)
-    while len(cache) > limit:
-        cache.popitem(last=False)
 
 
 class Prefetcher:
@@ -67,10 +60,13 @@ class Prefetcher:
         self._inflight: dict[str, Promotion] = {}
 
     def learn_from(self, events: Iterable[dict]) -> None:
-        """Replay a trace (the LMDB ring at start) into the learner."""
+        """Replay a trace (the LMDB ring at start) into the learner, and the
+        names files were opened by."""
         for ev in events:
             if ev.get("op") == "open":
                 self.learner.observe((ev.get("pid"), ev.get("start")), ev["path"])
+                if "via" in ev:
+                    self.store.name(ev["path"], ev["via"])
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.store.plan_pending = self.plan_pending
@@ -89,14 +85,16 @@ class Prefetcher:
         if ev["op"] != "open":
             return
         rel, stream = ev["path"], (ev["pid"], ev["start"])
+        # a blob of a hub cache is hinted by the snapshot name it was opened by
+        name = ev.get("via", rel)
         files: dict[str, int] = {}
-        if hints.is_trigger(rel):  # read again on every open: the model may have changed
-            files = await self.store.cold_call(self._model_files, rel)
+        if hints.is_trigger(name):  # read again on every open: the model may have changed
+            files = await self.store.cold_call(self._model_files, name)
             for f, n in files.items():
-                _remember(self._sizes, f, n, MAX_CACHED)
-            _remember(self._hinted, rel, list(files), MAX_CACHED)
+                remember(self._sizes, f, n, MAX_CACHED)
+            remember(self._hinted, rel, list(files), MAX_CACHED)
         self.learner.observe(stream, rel, files)
-        _remember(self._live, stream, None, MAX_LIVE)
+        remember(self._live, stream, None, MAX_LIVE)
         self._pending = True
         self._replan.set()
 
@@ -119,24 +117,33 @@ class Prefetcher:
             await trio.sleep(PLAN_INTERVAL)
 
     def _read_json(self, rel: str) -> dict:
-        with os.fdopen(self.store.cold.open(rel)[0], "rb") as f:
+        with os.fdopen(self.store.cold.open(self.store.cold.resolve(rel))[0], "rb") as f:
             return json.loads(f.read(16 << 20))
 
     def _model_files(self, rel: str) -> dict[str, int]:
         """The files the format hints expect after rel, with their sizes (in a
-        worker thread: this reads the cold tier)."""
+        worker thread: this reads the cold tier). Links are followed, as the
+        loader's opens will: a hub snapshot's files are its blobs."""
         cold = self.store.cold
+        files = {}
         try:
-            files = hints.model_files(rel, cold.exists, self._read_json)
-            return {f: st.st_size for f in files
-                    if self._complete(f, st := cold.lstat(f))}
+            for name in hints.model_files(rel, cold.exists, self._read_json):
+                try:
+                    real = cold.resolve(name)
+                    st = cold.lstat(real)
+                except OSError:
+                    continue  # a dangling link: a blob not downloaded
+                if self._complete(name, real, st):
+                    files[real] = st.st_size
         except (OSError, ValueError, AttributeError, TypeError):
             return {}  # not a well-formed model directory: no hint
+        return files
 
-    def _complete(self, rel: str, st: os.stat_result) -> bool:
-        """False for a safetensors file whose header describes more data than
-        it holds (still being written): staging it would waste the budget."""
-        if not rel.endswith(".safetensors"):
+    def _complete(self, name: str, rel: str, st: os.stat_result) -> bool:
+        """False for a safetensors file (by its name; rel is where the link
+        `name` leads) whose header describes more data than it holds (still
+        being written): staging it would waste the budget."""
+        if not name.endswith(".safetensors"):
             return True
         key = (rel, st.st_size, st.st_mtime_ns)
         if key not in self._checked:
@@ -149,7 +156,7 @@ class Prefetcher:
                 ok = False
             finally:
                 os.close(fd)
-            _remember(self._checked, key, ok, MAX_CACHED)
+            remember(self._checked, key, ok, MAX_CACHED)
         return self._checked[key]
 
     def _size(self, rel: str) -> int:

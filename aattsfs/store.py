@@ -37,6 +37,7 @@ import logging
 import os
 import stat
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Container
 
@@ -59,8 +60,17 @@ FLUSH_INTERVAL = 1.0
 WARM_WAITS = 64  # promotions warm waits to end, for their room, before it gives up
 EVENT_BUFFER = 10_000  # access events waiting for the prefetcher; more are dropped
 MAX_RANGES = 256  # read ranges recorded per open; the rest are counted, not listed
+MAX_NAMES = 65_536  # files remembered by the link they were reached through
 
 Version = tuple[int, int, int, int]  # size, mtime_ns, inode, ctime_ns (tiers.version_of)
+
+
+def remember(cache: OrderedDict, key, value, limit: int) -> None:
+    """cache[key] = value, forgetting the least recently set beyond limit."""
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > limit:
+        cache.popitem(last=False)
 
 
 def _copy_range(src: int, dst: int, off: int, length: int) -> tuple[int, str]:
@@ -537,6 +547,10 @@ class Store:
         self.watch_reason = "not started"
         # Access events for the prefetcher: the read path never waits on them.
         self.events_out, self.events_in = trio.open_memory_channel(EVENT_BUFFER)
+        # A file by the link it was last reached through: a Hugging Face hub
+        # snapshot's `config.json` for the blob it points at, which is what
+        # the loader opens (docs/huggingface.md).
+        self.names: OrderedDict[str, str] = OrderedDict()
 
     def start_soon(self, fn: Callable, *args) -> None:
         """Run fn(*args) as a background task of the store (until unmount)."""
@@ -548,6 +562,21 @@ class Store:
         them through `in_thread`)."""
         return await trio.to_thread.run_sync(fn, *args, limiter=self.io_limiter,
                                              abandon_on_cancel=True)
+
+    async def readlink(self, rel: str) -> str | None:
+        """The target of the link rel as the mount shows it (None: hidden);
+        the regular file it leads to is known by rel from now on."""
+        shown, leads_to = await self.cold_call(self.cold.follow, rel)
+        if leads_to is not None:
+            self.name(leads_to, rel)
+        return shown
+
+    def name(self, rel: str, link: str) -> None:
+        if rel != link:
+            remember(self.names, rel, link, MAX_NAMES)
+
+    def display_name(self, rel: str) -> str:
+        return self.names.get(rel, rel)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -1071,7 +1100,8 @@ class Store:
         e.handles.add(h)
         rec.last_access = time.time()
         self._dirty.add(rel)
-        self._emit({"t": rec.last_access, "op": "open", "path": rel, "size": version[0],
+        via = {"via": self.names[rel]} if rel in self.names else {}
+        self._emit({"t": rec.last_access, "op": "open", "path": rel, **via, "size": version[0],
                     "pid": h.stream[0], "start": h.stream[1]})
         return h
 

@@ -274,6 +274,36 @@ class ColdTier:
         climbs = ".." in target.split("/") or inside == ".." or inside.startswith("../")
         return None if climbs else shown
 
+    def follow(self, rel: str) -> tuple[str | None, str | None]:
+        """readlink(rel) as the mount shows it, and the regular file the link
+        leads to (None if it leads to none, or out of the root)."""
+        shown = self.readlink(rel)
+        if shown is None:
+            return None, None
+        try:
+            return shown, self.resolve(rel)
+        except OSError:
+            return shown, None
+
+    def resolve(self, rel: str) -> str:
+        """The path of the regular file that rel names, following links the
+        way the kernel does through the mount (a Hugging Face snapshot's
+        `config.json` -> `../../blobs/HASH`): never out of the root nor into
+        a mount below it. rel itself if it is no link; OSError (ENOENT) when
+        it leads nowhere or to something other than a regular file."""
+        try:
+            fd = openat2(self.root_fd, check_rel(rel), os.O_PATH,
+                         _BENEATH | _NO_MAGICLINKS | _NO_XDEV)
+        except OSError as exc:
+            raise OSError(errno.ENOENT, f"leads to no file ({exc.strerror})", rel) from None
+        try:
+            real = os.readlink(f"/proc/self/fd/{fd}")
+            if not stat.S_ISREG(os.fstat(fd).st_mode) or not real.startswith(self.root + "/"):
+                raise OSError(errno.ENOENT, "leads to no regular file below the root", rel)
+            return real[len(self.root) + 1:]
+        finally:
+            os.close(fd)
+
     def open(self, rel: str) -> tuple[int, os.stat_result]:
         """Open a regular file for reading; (fd, its stat). The version comes
         from the opened file itself, so nothing can change between the check

@@ -241,8 +241,9 @@ def test_status_prints_odd_stats(tmp_path, stats):
     directory laid out as a mount's control surface."""
     (tmp_path / ".aatts").mkdir()
     (tmp_path / ".aatts" / "stats").write_text(json.dumps(stats))
-    (tmp_path / ".aatts" / "tiers").write_text("tier\tsize\thits\tmisses\tpinned\tpath\n"
-                                               "fast\t5\t1\t0\t0\ta.bin\nbroken line\n")
+    (tmp_path / ".aatts" / "tiers").write_text(
+        "tier\tsize\thits\tmisses\tpinned\tpath\tname\n"
+        "fast\t5\t1\t0\t0\ta.bin\ta.bin\nbroken line\n")
     proc = run_cli("status", tmp_path, check=False)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert "fast tier" in proc.stdout and "a.bin" in proc.stdout

@@ -212,7 +212,7 @@ def tiers(m) -> dict[str, str]:
     for line in m.path(".aatts/tiers").read_text().splitlines():
         if line and not line.startswith("#"):
             cols = line.split("\t")
-            out[cols[-1]] = cols[0]
+            out[cols[5]] = cols[0]
     return out
 
 

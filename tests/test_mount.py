@@ -118,7 +118,7 @@ def test_control_surface(cold_tree, mounter):
     assert s["bytes_served"]["fast"] + s["bytes_served"]["cold"] == 3 * MiB
     tiers = m.path(".aatts/tiers").read_text().splitlines()
     assert tiers[0].startswith("# tier")
-    assert f"fast\t{3 * MiB}\t1\t1\t0\tmid.bin" in tiers
+    assert f"fast\t{3 * MiB}\t1\t1\t0\tmid.bin\tmid.bin" in tiers
     odd = cold_tree / "tab\tand\nnewline"
     odd.write_bytes(b"x")
     assert m.path(odd.name).read_bytes() == b"x"

@@ -52,7 +52,7 @@ def moved_aside(m) -> list[Path]:
 def tiers(m) -> dict[bytes, list[bytes]]:
     """`.aatts/tiers` as path -> fields (bytes: names need not be UTF-8)."""
     lines = (m.mnt / ".aatts" / "tiers").read_bytes().splitlines()[1:]
-    return {ln.split(b"\t", 5)[5]: ln.split(b"\t")[:5] for ln in lines}
+    return {ln.split(b"\t")[5]: ln.split(b"\t")[:5] for ln in lines}
 
 
 @pytest.fixture
