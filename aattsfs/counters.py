@@ -75,6 +75,11 @@ COUNTERS: tuple[Counter, ...] = (
             "Sizes of the files bypassed so."),
     Counter("evictions", "evictions", "evictions", "Fast copies dropped to make room."),
     Counter("evicted_bytes", "evicted_bytes", "evicted_bytes", "Bytes of fast copies dropped."),
+    Counter("floor_evictions", "memory_floor.evictions", "floor_evictions",
+            "Of the evictions, copies dropped because the box's available memory fell "
+            "below --fast-min-free."),
+    Counter("floor_evicted_bytes", "memory_floor.evicted_bytes", "floor_evicted_bytes",
+            "Bytes of those copies."),
     Counter("invalidations", "invalidations", "invalidations",
             "Fast copies dropped because the cold file changed."),
     Counter("passthrough_opens", "passthrough.opens", "passthrough_opens",

@@ -43,10 +43,12 @@ from typing import Awaitable, Callable, Container
 import lmdb
 import trio
 
+from . import memfloor
 from .counters import Stats
 from .metadata import FileRecord, MetaStore
 from .procs import Stream, stream_of
 from .residency import TOO_BIG, Residency
+from .units import format_size
 from .tiers import (ColdTier, FastTier, SharedFd, digest_of, new_digest, page_cached,
                     same_copy, version_of)
 from .watch import ColdWatch
@@ -535,6 +537,12 @@ class Store:
         self.passthrough = {"mode": "off", "active": False, "reason": "not started"}
         self.watch: ColdWatch | None = None  # set by mount.py where the cold tier allows
         self.watch_reason = "not started"
+        # The free-memory floor (memfloor.py, set by mount.py): bytes of
+        # MemAvailable to keep (0: off), and the latest reading. The budget
+        # it allows is core.limit (apply_floor).
+        self.min_free = 0
+        self.mem_available: int | None = None
+        self._floor_from = (0, 0)  # the floor's eviction counters when it began to shrink
         # Access events for the prefetcher: the read path never waits on them.
         self.events_out, self.events_in = trio.open_memory_channel(EVENT_BUFFER)
 
@@ -783,10 +791,16 @@ class Store:
             "fast_tier": {
                 "used_bytes": self.core.used,
                 "budget_bytes": self.core.budget,
+                "effective_budget_bytes": self.core.limit,
                 "files": len(fast_files),
                 "pinned_files": sum(1 for e in fast_files if e.record.pinned),
                 "policy": self.core.policy.name,
                 "admission": self.core.admission.name,
+            },
+            "memory_floor": {
+                "floor_bytes": self.min_free,
+                "active": self.core.limit < self.core.budget,
+                "available_bytes": self.mem_available,
             },
         }
         out = self.stats.tree()
@@ -1376,9 +1390,11 @@ class Store:
 
     async def warm(self, rel: str, attempts: int = 3) -> None:
         """Promote rel and wait until it is in the fast tier. Raises OSError:
-        EFBIG if it is larger than the budget; EDQUOT if it does not fit
-        next to pinned files and copies passthrough opens hold (after
-        waiting for the promotions in flight, whose room may come free);
+        EFBIG if it is larger than the budget; ENOMEM if it does not fit
+        while the box is short of memory (the floor shrank the budget);
+        EDQUOT if it does not fit next to pinned files and copies
+        passthrough opens hold (after waiting for the promotions in flight,
+        whose room may come free);
         ENOSPC if the fast tier's filesystem is full, or another error of
         it; EIO if reading the cold file failed; EBUSY if every attempt was
         cancelled (the file changed, or was evicted again meanwhile)."""
@@ -1398,6 +1414,9 @@ class Store:
                 cold_fd.close()
             if why == TOO_BIG:
                 raise OSError(errno.EFBIG, "larger than the fast tier's budget")
+            if prom is None and self.core.limit < self.core.budget:
+                # no waiting for promotions to end: the room is not theirs
+                raise OSError(errno.ENOMEM, "the fast tier is shrunk: memory is short")
             if prom is None:
                 if waits and any(_active(o.prom) for o in self.entries.values()):
                     waits -= 1  # their reservations may free room: the budget,
@@ -1440,11 +1459,54 @@ class Store:
         elif self.core.free < 0:
             self._shrink()  # pins kept copies past a budget lowered since
 
-    def _shrink(self) -> None:
+    def _shrink(self, floor: bool = False) -> None:
         """Evict, in policy order, until the copies fit the budget again or
-        only pinned (and held) ones are left."""
+        only pinned (and held) ones are left; `floor`: counted as the
+        memory floor's (apply_floor)."""
         for rel in self.core.shrink_to_budget(
                 lambda rel: not (self.entries[rel].record.pinned
                                  or self._held(self.entries[rel]) is not None)):
+            nbytes = self.entries[rel].fast_bytes
             self._drop_fast(rel)
             self.stats.evictions += 1
+            if floor:
+                self.stats.floor_evictions += 1
+                self.stats.floor_evicted_bytes += nbytes
+
+    def apply_floor(self, available: int | None) -> None:
+        """One poll of the free-memory floor: the budget memfloor allows for
+        `available` (MemAvailable) becomes the effective one, and the tier
+        is brought within it. Copies go the ordinary way (_drop_fast):
+        never a pinned one, nor one passthrough opens hold (it would free
+        nothing before they close); an open reading a dropped copy goes on
+        with the cold file it opened. Promotions in flight are cancelled
+        while the tier is still over: their temporary copies are RAM too,
+        and their readers fall back to their cold files likewise."""
+        core = self.core
+        self.mem_available = available
+        was = core.limit < core.budget
+        core.limit = memfloor.effective_budget(core.budget, core.limit, core.used, available,
+                                               self.min_free)
+        shrunk = core.limit < core.budget
+        s = self.stats
+        if shrunk and not was:
+            self._floor_from = (s.floor_evictions, s.floor_evicted_bytes)
+            # a warning: the box is near the OOM killer, and reads go to the
+            # cold tier until it is not (journalctl -p warning shows it)
+            log.warning("memory is short: %s available, %s below the floor of %s "
+                        "(--fast-min-free); the fast tier gives up copies, its budget "
+                        "down from %s to %s", format_size(available),
+                        format_size(self.min_free - available), format_size(self.min_free),
+                        format_size(core.budget), format_size(core.limit))
+        elif was and not shrunk:
+            files, nbytes = (s.floor_evictions - self._floor_from[0],
+                             s.floor_evicted_bytes - self._floor_from[1])
+            log.info("memory is back: %s available; the fast tier's budget is %s again "
+                     "(%d copies, %s, were evicted for the floor)", format_size(available),
+                     format_size(core.budget), files, format_size(nbytes))
+        if core.free < 0:
+            self._shrink(floor=True)
+        if core.free < 0:
+            for e in self.entries.values():
+                if _active(e.prom):
+                    e.prom.cancel()
