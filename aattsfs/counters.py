@@ -44,7 +44,8 @@ COUNTERS: tuple[Counter, ...] = (
     Counter("promotions_failed", "promotions_failed", "promotion_failures",
             "Copies that failed: the cold file unreadable, the fast tier full or failing."),
     Counter("promotions_nospace", "promotions_nospace", "promotion_failures_nospace",
-            "Of those, copies that failed because the fast tier's filesystem was full."),
+            "Of those, copies that failed because the fast tier's filesystem was full "
+            "(ENOSPC, EDQUOT; ENOMEM, a tmpfs short of memory). Never a cold-tier error."),
     Counter("promotions_cancelled", "promotions_cancelled", "promotions_cancelled",
             "Copies cancelled: the file was evicted or changed while being copied."),
     Counter("copies_verified", "copies_verified", "copies_verified",

@@ -65,6 +65,12 @@ MAX_RANGES = 256  # read ranges recorded per open; the rest are counted, not lis
 Version = tuple[int, int, int, int]  # size, mtime_ns, inode, ctime_ns (tiers.version_of)
 
 
+class ColdError(OSError):
+    """A promotion's read of the cold file failed. Any other error of a
+    promotion is the fast tier's: its filesystem full (or out of memory, on
+    tmpfs) or failing, and is never blamed on the cold tier."""
+
+
 def _copy_range(src: int, dst: int, off: int, length: int) -> tuple[int, str]:
     """Copy [off, off+length) from src to dst; returns the bytes copied and
     the digest of what was read. A short write (a full fast-tier filesystem)
@@ -72,7 +78,10 @@ def _copy_range(src: int, dst: int, off: int, length: int) -> tuple[int, str]:
     h = new_digest()
     done = 0
     while done < length:
-        buf = os.pread(src, min(length - done, 1 << 20), off + done)
+        try:
+            buf = os.pread(src, min(length - done, 1 << 20), off + done)
+        except OSError as exc:
+            raise ColdError(exc.errno, exc.strerror) from exc
         if not buf:
             break
         h.update(buf)
@@ -199,6 +208,7 @@ class Promotion:
         self.done = trio.Event()
         self.failed = False
         self.nospace = False  # failed because the fast tier's filesystem is full
+        self.cold_failed = False  # failed reading the cold file (else the fast tier failed)
         self.cancelled = False
         self._cancel_event = trio.Event()
         self.committing = False  # the commit (verify, rename) is running in a thread
@@ -213,12 +223,18 @@ class Promotion:
 
     def fail(self, exc: OSError) -> None:
         self.failed = True
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(exc, ColdError):
+            self.cold_failed = True
+            log.warning("promotion of %s failed reading the cold file: %s", self.rel,
+                        exc.strerror)
+        elif exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM):
+            # ENOMEM: a tmpfs write the kernel found no memory for (the
+            # daemon's memory cgroup at its limit, say): no room all the same
             self.nospace = True
             log.warning("promotion of %s stopped: the fast tier's filesystem is full (%s)",
                         self.rel, exc.strerror)
         else:
-            log.warning("promotion of %s failed: %s", self.rel, exc)
+            log.warning("promotion of %s failed: the fast tier: %s", self.rel, exc)
 
     async def _fetch(self, idx: int) -> None:
         self._mark(idx)
@@ -312,6 +328,8 @@ class Promotion:
                     and version_of(self.store.cold.lstat(self.rel)) == self.version)
         except FileNotFoundError:  # renamed away, or no longer beneath the root
             return False
+        except OSError as exc:
+            raise ColdError(exc.errno, exc.strerror) from exc
 
     def _verify_and_commit(self, cold_fd: int, tmp_fd: int) -> os.stat_result | None:
         if not self._unchanged(cold_fd):
@@ -1242,7 +1260,7 @@ class Store:
         except OSError as exc:
             self.core.abandon(rel)
             self.stats.promotions_failed += 1
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM):
                 self.stats.promotions_nospace += 1
             log.warning("cannot promote %s: no temporary copy in the fast tier (%s); "
                         "read from the cold tier", rel, exc.strerror)
@@ -1396,7 +1414,8 @@ class Store:
         passthrough opens hold (after waiting for the promotions in flight,
         whose room may come free);
         ENOSPC if the fast tier's filesystem is full, or another error of
-        it; EIO if reading the cold file failed; EBUSY if every attempt was
+        it (counted in promotions_nospace only when it is out of room); EIO
+        only if reading the cold file failed; EBUSY if every attempt was
         cancelled (the file changed, or was evicted again meanwhile)."""
         waits = WARM_WAITS
         while attempts:
@@ -1424,10 +1443,10 @@ class Store:
                     continue
                 raise OSError(errno.EDQUOT, "no room next to pinned and held copies")
             await prom.done.wait()
-            if prom.nospace:
-                raise OSError(errno.ENOSPC, "the fast tier's filesystem is full")
-            if prom.failed:
+            if prom.cold_failed:
                 raise OSError(errno.EIO, "reading the cold file failed")
+            if prom.failed:
+                raise OSError(errno.ENOSPC, "the fast tier's filesystem is full or failing")
             if prom.committed and not prom.cancelled:
                 return
             attempts -= 1
