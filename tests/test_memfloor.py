@@ -309,6 +309,8 @@ def test_a_memory_hog_empties_the_fast_tier_and_no_read_fails(tmp_path, mounter,
         s = m.stats()
         assert s["promotions"] == promotions and s["fast_tier"]["used_bytes"] == 0
         assert s["bypasses"] > 0
+        warm = run_cli("warm", m.path("w1.bin"), check=False)  # refused at once, saying why
+        assert warm.returncode != 0 and "short of memory" in warm.stderr, warm.stderr
         status = run_cli("status", m.mnt).stdout
         assert "memory floor" in status and "active: budget shrunk to 0 B" in status, status
         metrics = _metrics(port)
