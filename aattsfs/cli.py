@@ -38,6 +38,21 @@ class SizeType(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+class FloorType(SizeType):
+    """A size, `auto` (None: the default, decided by the fast dir's
+    filesystem at mount) or `off` (0). A size of 0 is refused as any size:
+    `off` says it plainly."""
+    name = "size|auto|off"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and value.strip().lower() in ("auto", "off"):
+            return None if value.strip().lower() == "auto" else 0
+        try:
+            return parse_size(value)
+        except UserError as exc:
+            self.fail(f"{exc}; or auto, or off", param, ctx)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="aattsfs")
 def cli():
@@ -58,6 +73,11 @@ def cli():
 @click.option("--fast-dir", help="Directory of the fast tier [default: /dev/shm/aattsfs/<mount>].")
 @click.option("--fast-size", type=SizeType(), default="4G", show_default=True,
               help=f"Byte budget of the fast tier, e.g. 512M, 2G; units {SIZE_HELP}.")
+@click.option("--fast-min-free", type=FloorType(), default="auto", show_default=True,
+              help="Free memory to keep on the box (its MemAvailable), e.g. 2G: below it the "
+              "fast tier evicts and shrinks until memory is back, then grows back to "
+              "--fast-size; auto: 1G if the fast dir is on tmpfs or ramfs, else off; off: "
+              "never (docs/memory.md).")
 @click.option("--state-dir", help="Where the metadata (LMDB) and the log live "
               "[default: /var/lib/aattsfs/<mount> for root].")
 @click.option("--policy", type=click.Choice(sorted(POLICIES)), default="lru",
@@ -316,6 +336,13 @@ def status(mountpoint, as_json):
             f"off ({sec.get('reason') or '?'})"
 
     pt_state, cw_state = on_off("passthrough"), on_off("cold_watch")
+    mf = s.get("memory_floor") if isinstance(s, dict) else None
+    mf = mf if isinstance(mf, dict) else {}
+    floor_state = "?" if "active" not in mf else "off" if num("memory_floor", "floor_bytes") == 0 \
+        else (f"{size('memory_floor', 'floor_bytes')}, "
+              + (f"active: budget shrunk to {size('fast_tier', 'effective_budget_bytes')}"
+                 if mf["active"] is True else "not active")
+              + f", {size('memory_floor', 'available_bytes')} available")
     rows = [
         ("fast tier", f"{size('fast_tier', 'used_bytes')} of {size('fast_tier', 'budget_bytes')} "
                       f"({use}), {count('fast_tier', 'files')} files, "
@@ -335,6 +362,8 @@ def status(mountpoint, as_json):
                         "backing files"),
         ("cold watch", f"{cw_state}; {count('cold_watch', 'opens')} opens without a "
                        "cold-tier call"),
+        ("memory floor", f"{floor_state}; {count('memory_floor', 'evictions')} evictions "
+                         f"({size('memory_floor', 'evicted_bytes')})"),
         ("cold bytes read", size("cold_bytes_read")),
         ("prefetched", f"{count('prefetch', 'prefetches')} files "
                        f"({size('prefetch', 'prefetched_bytes')}): "
@@ -454,6 +483,8 @@ def _act(paths, verb: str):
 WHY_NOT_FAST = {
     errno.EFBIG: "it does not fit in the fast tier: it is larger than the whole budget; "
                  "raise --fast-size",
+    errno.ENOMEM: "the box is short of memory (MemAvailable below --fast-min-free), so the "
+                  "fast tier is shrunk until it is back; try again then",
     errno.EDQUOT: "it does not fit in the fast tier next to pinned files and copies "
                   "passthrough opens hold; unpin some, close files or raise --fast-size",
     errno.ENOSPC: "the fast tier's filesystem is full or failing; free space there or "

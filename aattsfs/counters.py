@@ -44,7 +44,8 @@ COUNTERS: tuple[Counter, ...] = (
     Counter("promotions_failed", "promotions_failed", "promotion_failures",
             "Copies that failed: the cold file unreadable, the fast tier full or failing."),
     Counter("promotions_nospace", "promotions_nospace", "promotion_failures_nospace",
-            "Of those, copies that failed because the fast tier's filesystem was full."),
+            "Of those, copies that failed because the fast tier's filesystem was full "
+            "(ENOSPC, EDQUOT; ENOMEM, a tmpfs short of memory). Never a cold-tier error."),
     Counter("promotions_cancelled", "promotions_cancelled", "promotions_cancelled",
             "Copies cancelled: the file was evicted or changed while being copied."),
     Counter("copies_verified", "copies_verified", "copies_verified",
@@ -75,6 +76,11 @@ COUNTERS: tuple[Counter, ...] = (
             "Sizes of the files bypassed so."),
     Counter("evictions", "evictions", "evictions", "Fast copies dropped to make room."),
     Counter("evicted_bytes", "evicted_bytes", "evicted_bytes", "Bytes of fast copies dropped."),
+    Counter("floor_evictions", "memory_floor.evictions", "floor_evictions",
+            "Of the evictions, copies dropped because the box's available memory fell "
+            "below --fast-min-free."),
+    Counter("floor_evicted_bytes", "memory_floor.evicted_bytes", "floor_evicted_bytes",
+            "Bytes of those copies."),
     Counter("invalidations", "invalidations", "invalidations",
             "Fast copies dropped because the cold file changed."),
     Counter("passthrough_opens", "passthrough.opens", "passthrough_opens",

@@ -155,7 +155,18 @@ class Exporter:
         yield gauge("fast_tier_used_bytes", "Bytes the fast tier holds or has reserved.",
                     ft["used_bytes"])
         yield gauge("fast_tier_budget_bytes", "The fast tier's byte budget.", ft["budget_bytes"])
+        yield gauge("fast_tier_effective_budget_bytes", "The budget the fast tier is held "
+                    "within now: lower than its budget while memory is short.",
+                    ft["effective_budget_bytes"])
         yield gauge("fast_tier_files", "Files in the fast tier.", ft["files"])
+        mf = s["memory_floor"]
+        yield gauge("memory_floor_bytes", "Free memory the daemon keeps on the box "
+                    "(--fast-min-free; 0: off).", mf["floor_bytes"])
+        yield gauge("memory_floor_active", "1 while the box's available memory is short and "
+                    "the fast tier is shrunk.", int(mf["active"]))
+        if mf["available_bytes"] is not None:  # polled only while a floor is set
+            yield gauge("memory_available_bytes", "The box's MemAvailable, as the daemon "
+                        "last read it.", mf["available_bytes"])
         yield gauge("open_files", "Files open through the mount.", s["open_files"])
         pt = s["passthrough"]
         yield gauge("passthrough_active", "1 if promoted files open in kernel passthrough.",

@@ -32,7 +32,7 @@ import trio
 from .errors import UserError
 from .fs import Operations
 from .metadata import MetaStore
-from . import control, metrics, passthrough
+from . import control, memfloor, metrics, passthrough
 from .policy import make_admission, make_policy
 from .residency import Residency
 from .prefetcher import Prefetcher
@@ -54,6 +54,9 @@ class MountConfig:
     mountpoint: str
     fast_size: int
     fast_dir: str | None = None
+    # free memory to keep (memfloor.py): bytes; None: memfloor.DEFAULT_FLOOR
+    # if the fast dir is on tmpfs or ramfs, else off; 0: off
+    fast_min_free: int | None = None
     state_dir: str | None = None
     policy: str = "lru"
     admission: str = "reuse"  # which files that need room are copied (policy.ADMISSIONS)
@@ -264,9 +267,32 @@ def prepare(cfg: MountConfig, created: list[str] | None = None) -> MountConfig:
         raise UserError(f"fast dir {fast} has room for {format_size(room)}, less than the "
                         f"budget of {format_size(cfg.fast_size)}; lower --fast-size or choose "
                         "another --fast-dir")
+    min_free = _min_free(cfg.fast_min_free, fast)
     _ensure_dir(fast, "fast dir", "--fast-dir", created)
     _ensure_dir(state, "state dir", "--state-dir", created)
-    return dataclasses.replace(cfg, cold=cold, mountpoint=mnt, fast_dir=fast, state_dir=state)
+    return dataclasses.replace(cfg, cold=cold, mountpoint=mnt, fast_dir=fast, state_dir=state,
+                               fast_min_free=min_free)
+
+
+def _min_free(asked: int | None, fast: str) -> int:
+    """The free-memory floor in bytes (0: off). By default only a fast dir
+    in RAM has one: evicting a disk-backed copy frees no memory. A floor
+    asked for holds whatever the filesystem, and must be checkable here."""
+    if asked is None:
+        return memfloor.DEFAULT_FLOOR if memfloor.on_ram(_existing_ancestor(fast),
+                                                         _mount_table()) else 0
+    if not asked:
+        return 0
+    total = memfloor.total_memory()
+    if memfloor.read_available() is None or total is None:
+        raise UserError(f"--fast-min-free needs MemAvailable and MemTotal in "
+                        f"{memfloor.MEMINFO}, and this kernel does not give them; "
+                        "pass --fast-min-free off")
+    if asked >= total:
+        raise UserError(f"--fast-min-free {format_size(asked)} is not below this box's "
+                        f"memory ({format_size(total)}): the fast tier would never hold a "
+                        "file; lower it, or pass --fast-min-free off")
+    return asked
 
 
 def _overlap(a: str, b: str) -> bool:
@@ -422,6 +448,7 @@ def _serve_mount(cfg: MountConfig, stack: contextlib.ExitStack, created: list[st
     store = Store(cold, fast, meta, Residency(
         cfg.fast_size, make_policy(cfg.policy), make_admission(cfg.admission, cfg.fast_size)),
         prefetch_rate=cfg.prefetch_bandwidth)
+    store.min_free = cfg.fast_min_free or 0
     exporter = None
     if cfg.metrics_address:  # a taken port stops the start before the mount
         exporter = metrics.start(store, metrics.parse_address(cfg.metrics_address,
@@ -456,10 +483,11 @@ def _serve_mount(cfg: MountConfig, stack: contextlib.ExitStack, created: list[st
     except RuntimeError as exc:
         raise UserError(f"mounting {cfg.mountpoint} failed: {exc}") from None
     created.clear()  # mounted: what was created is in use from now on
-    log.info("mounted %s on %s (fast tier %s, budget %s, policy %s, admission %s, "
-             "prefetch %s)", cfg.cold, cfg.mountpoint, cfg.fast_dir,
-             format_size(cfg.fast_size), cfg.policy, cfg.admission,
-             cfg.predictor if cfg.prefetch else "off")
+    log.info("mounted %s on %s (fast tier %s, budget %s, free-memory floor %s, policy %s, "
+             "admission %s, prefetch %s)", cfg.cold, cfg.mountpoint, cfg.fast_dir,
+             format_size(cfg.fast_size),
+             format_size(store.min_free) if store.min_free else "off", cfg.policy,
+             cfg.admission, cfg.predictor if cfg.prefetch else "off")
     unmount = True
     try:
         unmount = trio.run(_serve, store, ops, prefetcher, cfg, exporter)
@@ -525,6 +553,8 @@ async def _serve(store: Store, ops: Operations, prefetcher: Prefetcher, cfg: Mou
         await nursery.start(control.serve, store, name, frozenset({0, os.getuid()}))
         ops.control_name = name
         nursery.start_soon(ops.invalidate_changes)
+        if store.min_free:
+            nursery.start_soon(_watch_memory, store)
 
         async def watch_signals():
             nonlocal stopped_by_signal
@@ -566,6 +596,15 @@ async def _serve(store: Store, ops: Operations, prefetcher: Prefetcher, cfg: Mou
         nursery.cancel_scope.cancel()
     _notify_systemd(b"STOPPING=1")
     return stopped_by_signal
+
+
+async def _watch_memory(store: Store) -> None:
+    """Poll the box's available memory and hand it to the store's floor
+    (memfloor.py decides, Store.apply_floor evicts). /proc/meminfo is read
+    on the trio thread: procfs answers from memory in microseconds."""
+    while True:
+        store.apply_floor(memfloor.read_available())
+        await trio.sleep(memfloor.POLL_SECONDS)
 
 
 def daemonize(cfg: MountConfig, argv: list[str]) -> None:

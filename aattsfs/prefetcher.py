@@ -170,7 +170,9 @@ class Prefetcher:
             del self._live[s]
         streams = list(reversed(self._live))
         core = self.store.core
-        ranking, staged = plan(self.learner, streams, self._size, core.budget,
+        # within the effective budget: nothing is staged that the memory
+        # floor would refuse room for
+        ranking, staged = plan(self.learner, streams, self._size, core.limit,
                                hints=lambda k: self._hinted.get(k, []))
         core.set_forecast(ranking)
         if not self.enabled:

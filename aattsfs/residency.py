@@ -12,6 +12,10 @@ Bytes are counted in three states, all within the budget:
 - *reserved*: room taken for a copy in flight, before a byte is written;
 - *held*: a dropped copy whose bytes stay allocated until its last reader
   goes (passthrough opens); the Store returns them with `release`.
+
+`budget` is the configured one; `limit`, what room is made within, is the
+same unless the box is short of memory (memfloor.py lowers it, and the
+Store evicts down to it with `shrink_to_budget`).
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ _NONE = object()
 
 class Residency:
     def __init__(self, budget: int, policy: EvictionPolicy, admission: Admission) -> None:
-        self.budget = budget
+        self.budget = budget  # --fast-size: a file larger than this never comes in
+        self.limit = budget  # the effective budget: lower while memory is short
         self.used = 0  # resident + reserved + held
         self.policy = policy
         self.admission = admission
@@ -43,7 +48,7 @@ class Residency:
 
     @property
     def free(self) -> int:
-        return self.budget - self.used
+        return self.limit - self.used
 
     def set_forecast(self, ranking: Callable[[], dict[Key, int]]) -> None:
         """Each expected file's place in the forecast, when asked
@@ -142,8 +147,9 @@ class Residency:
         return room >= size
 
     def shrink_to_budget(self, evictable: Callable[[Key], bool]) -> list[Key]:
-        """The files to drop, in policy order, to get back within the budget
-        (it shrank since the copies were made); as many as may go."""
+        """The files to drop, in policy order, to get back within the
+        effective budget (it shrank since the copies were made: a restart
+        with a lower --fast-size, or memory short); as many as may go."""
         victims, _ = choose_victims(self.policy.victims(), 0, self.free, self.resident.__getitem__,
                                     evictable)
         return victims

@@ -44,10 +44,12 @@ from typing import Awaitable, Callable, Container
 import lmdb
 import trio
 
+from . import memfloor
 from .counters import Stats
 from .metadata import FileRecord, MetaStore
 from .procs import Stream, stream_of
 from .residency import TOO_BIG, Residency
+from .units import format_size
 from .tiers import (ColdTier, FastTier, SharedFd, digest_of, new_digest, page_cached,
                     same_copy, version_of)
 from .watch import ColdWatch
@@ -73,6 +75,12 @@ def remember(cache: OrderedDict, key, value, limit: int) -> None:
         cache.popitem(last=False)
 
 
+class ColdError(OSError):
+    """A promotion's read of the cold file failed. Any other error of a
+    promotion is the fast tier's: its filesystem full (or out of memory, on
+    tmpfs) or failing, and is never blamed on the cold tier."""
+
+
 def _copy_range(src: int, dst: int, off: int, length: int) -> tuple[int, str]:
     """Copy [off, off+length) from src to dst; returns the bytes copied and
     the digest of what was read. A short write (a full fast-tier filesystem)
@@ -80,7 +88,10 @@ def _copy_range(src: int, dst: int, off: int, length: int) -> tuple[int, str]:
     h = new_digest()
     done = 0
     while done < length:
-        buf = os.pread(src, min(length - done, 1 << 20), off + done)
+        try:
+            buf = os.pread(src, min(length - done, 1 << 20), off + done)
+        except OSError as exc:
+            raise ColdError(exc.errno, exc.strerror) from exc
         if not buf:
             break
         h.update(buf)
@@ -207,6 +218,7 @@ class Promotion:
         self.done = trio.Event()
         self.failed = False
         self.nospace = False  # failed because the fast tier's filesystem is full
+        self.cold_failed = False  # failed reading the cold file (else the fast tier failed)
         self.cancelled = False
         self._cancel_event = trio.Event()
         self.committing = False  # the commit (verify, rename) is running in a thread
@@ -221,12 +233,18 @@ class Promotion:
 
     def fail(self, exc: OSError) -> None:
         self.failed = True
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(exc, ColdError):
+            self.cold_failed = True
+            log.warning("promotion of %s failed reading the cold file: %s", self.rel,
+                        exc.strerror)
+        elif exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM):
+            # ENOMEM: a tmpfs write the kernel found no memory for (the
+            # daemon's memory cgroup at its limit, say): no room all the same
             self.nospace = True
             log.warning("promotion of %s stopped: the fast tier's filesystem is full (%s)",
                         self.rel, exc.strerror)
         else:
-            log.warning("promotion of %s failed: %s", self.rel, exc)
+            log.warning("promotion of %s failed: the fast tier: %s", self.rel, exc)
 
     async def _fetch(self, idx: int) -> None:
         self._mark(idx)
@@ -320,6 +338,8 @@ class Promotion:
                     and version_of(self.store.cold.lstat(self.rel)) == self.version)
         except FileNotFoundError:  # renamed away, or no longer beneath the root
             return False
+        except OSError as exc:
+            raise ColdError(exc.errno, exc.strerror) from exc
 
     def _verify_and_commit(self, cold_fd: int, tmp_fd: int) -> os.stat_result | None:
         if not self._unchanged(cold_fd):
@@ -545,6 +565,12 @@ class Store:
         self.passthrough = {"mode": "off", "active": False, "reason": "not started"}
         self.watch: ColdWatch | None = None  # set by mount.py where the cold tier allows
         self.watch_reason = "not started"
+        # The free-memory floor (memfloor.py, set by mount.py): bytes of
+        # MemAvailable to keep (0: off), and the latest reading. The budget
+        # it allows is core.limit (apply_floor).
+        self.min_free = 0
+        self.mem_available: int | None = None
+        self._floor_from = (0, 0)  # the floor's eviction counters when it began to shrink
         # Access events for the prefetcher: the read path never waits on them.
         self.events_out, self.events_in = trio.open_memory_channel(EVENT_BUFFER)
         # A file by the link it was last reached through: a Hugging Face hub
@@ -812,10 +838,16 @@ class Store:
             "fast_tier": {
                 "used_bytes": self.core.used,
                 "budget_bytes": self.core.budget,
+                "effective_budget_bytes": self.core.limit,
                 "files": len(fast_files),
                 "pinned_files": sum(1 for e in fast_files if e.record.pinned),
                 "policy": self.core.policy.name,
                 "admission": self.core.admission.name,
+            },
+            "memory_floor": {
+                "floor_bytes": self.min_free,
+                "active": self.core.limit < self.core.budget,
+                "available_bytes": self.mem_available,
             },
         }
         out = self.stats.tree()
@@ -1258,7 +1290,7 @@ class Store:
         except OSError as exc:
             self.core.abandon(rel)
             self.stats.promotions_failed += 1
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM):
                 self.stats.promotions_nospace += 1
             log.warning("cannot promote %s: no temporary copy in the fast tier (%s); "
                         "read from the cold tier", rel, exc.strerror)
@@ -1406,11 +1438,14 @@ class Store:
 
     async def warm(self, rel: str, attempts: int = 3) -> None:
         """Promote rel and wait until it is in the fast tier. Raises OSError:
-        EFBIG if it is larger than the budget; EDQUOT if it does not fit
-        next to pinned files and copies passthrough opens hold (after
-        waiting for the promotions in flight, whose room may come free);
+        EFBIG if it is larger than the budget; ENOMEM if it does not fit
+        while the box is short of memory (the floor shrank the budget);
+        EDQUOT if it does not fit next to pinned files and copies
+        passthrough opens hold (after waiting for the promotions in flight,
+        whose room may come free);
         ENOSPC if the fast tier's filesystem is full, or another error of
-        it; EIO if reading the cold file failed; EBUSY if every attempt was
+        it (counted in promotions_nospace only when it is out of room); EIO
+        only if reading the cold file failed; EBUSY if every attempt was
         cancelled (the file changed, or was evicted again meanwhile)."""
         waits = WARM_WAITS
         while attempts:
@@ -1428,6 +1463,9 @@ class Store:
                 cold_fd.close()
             if why == TOO_BIG:
                 raise OSError(errno.EFBIG, "larger than the fast tier's budget")
+            if prom is None and self.core.limit < self.core.budget:
+                # no waiting for promotions to end: the room is not theirs
+                raise OSError(errno.ENOMEM, "the fast tier is shrunk: memory is short")
             if prom is None:
                 if waits and any(_active(o.prom) for o in self.entries.values()):
                     waits -= 1  # their reservations may free room: the budget,
@@ -1435,10 +1473,10 @@ class Store:
                     continue
                 raise OSError(errno.EDQUOT, "no room next to pinned and held copies")
             await prom.done.wait()
-            if prom.nospace:
-                raise OSError(errno.ENOSPC, "the fast tier's filesystem is full")
-            if prom.failed:
+            if prom.cold_failed:
                 raise OSError(errno.EIO, "reading the cold file failed")
+            if prom.failed:
+                raise OSError(errno.ENOSPC, "the fast tier's filesystem is full or failing")
             if prom.committed and not prom.cancelled:
                 return
             attempts -= 1
@@ -1470,11 +1508,54 @@ class Store:
         elif self.core.free < 0:
             self._shrink()  # pins kept copies past a budget lowered since
 
-    def _shrink(self) -> None:
+    def _shrink(self, floor: bool = False) -> None:
         """Evict, in policy order, until the copies fit the budget again or
-        only pinned (and held) ones are left."""
+        only pinned (and held) ones are left; `floor`: counted as the
+        memory floor's (apply_floor)."""
         for rel in self.core.shrink_to_budget(
                 lambda rel: not (self.entries[rel].record.pinned
                                  or self._held(self.entries[rel]) is not None)):
+            nbytes = self.entries[rel].fast_bytes
             self._drop_fast(rel)
             self.stats.evictions += 1
+            if floor:
+                self.stats.floor_evictions += 1
+                self.stats.floor_evicted_bytes += nbytes
+
+    def apply_floor(self, available: int | None) -> None:
+        """One poll of the free-memory floor: the budget memfloor allows for
+        `available` (MemAvailable) becomes the effective one, and the tier
+        is brought within it. Copies go the ordinary way (_drop_fast):
+        never a pinned one, nor one passthrough opens hold (it would free
+        nothing before they close); an open reading a dropped copy goes on
+        with the cold file it opened. Promotions in flight are cancelled
+        while the tier is still over: their temporary copies are RAM too,
+        and their readers fall back to their cold files likewise."""
+        core = self.core
+        self.mem_available = available
+        was = core.limit < core.budget
+        core.limit = memfloor.effective_budget(core.budget, core.limit, core.used, available,
+                                               self.min_free)
+        shrunk = core.limit < core.budget
+        s = self.stats
+        if shrunk and not was:
+            self._floor_from = (s.floor_evictions, s.floor_evicted_bytes)
+            # a warning: the box is near the OOM killer, and reads go to the
+            # cold tier until it is not (journalctl -p warning shows it)
+            log.warning("memory is short: %s available, %s below the floor of %s "
+                        "(--fast-min-free); the fast tier gives up copies, its budget "
+                        "down from %s to %s", format_size(available),
+                        format_size(self.min_free - available), format_size(self.min_free),
+                        format_size(core.budget), format_size(core.limit))
+        elif was and not shrunk:
+            files, nbytes = (s.floor_evictions - self._floor_from[0],
+                             s.floor_evicted_bytes - self._floor_from[1])
+            log.info("memory is back: %s available; the fast tier's budget is %s again "
+                     "(%d copies, %s, were evicted for the floor)", format_size(available),
+                     format_size(core.budget), files, format_size(nbytes))
+        if core.free < 0:
+            self._shrink(floor=True)
+        if core.free < 0:
+            for e in self.entries.values():
+                if _active(e.prom):
+                    e.prom.cancel()

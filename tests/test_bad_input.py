@@ -140,7 +140,7 @@ def loop_trace(tmp_path):
 
 @pytest.mark.parametrize("size,needle", BAD_SIZES)
 def test_bad_sizes_on_the_command_line(tmp_path, loop_trace, size, needle):
-    for option in ("--fast-size", "--read-ahead", "--prefetch-bandwidth"):
+    for option in ("--fast-size", "--read-ahead", "--prefetch-bandwidth", "--fast-min-free"):
         proc = run_cli("mount", tmp_path, tmp_path / "mnt", f"{option}={size}", check=False)
         assert_one_line_error(proc, option, needle)
         assert proc.returncode == 2
@@ -172,6 +172,23 @@ def test_every_bad_option_value_is_one_line(args, needles):
     proc = run_cli(*args, check=False)
     assert_one_line_error(proc, *needles)
     assert proc.returncode == 2
+
+
+def test_a_free_memory_floor_the_box_cannot_keep(dirs):
+    """A floor at or above all of the box's memory would keep the fast tier
+    empty for ever: refused, before anything is created. off and auto are
+    words, in any case, on the command line and in a config."""
+    proc = mount(dirs, None, None, "--fast-min-free", "900T")
+    assert_one_line_error(proc, "--fast-min-free", "is not below this box's memory", "off")
+    assert not (dirs["tmp"] / "fast").exists()
+    for value in ("OFF", "auto"):
+        proc = run_cli("mount", dirs["cold"], dirs["tmp"] / "nope", "--fast-min-free", value,
+                       check=False)
+        assert_one_line_error(proc, "mountpoint", "does not exist")
+    cfg = dirs["tmp"] / "c.toml"
+    cfg.write_text('fast_min_free = "off"\n')
+    proc = run_cli("mount", dirs["cold"], dirs["tmp"] / "nope", "--config", cfg, check=False)
+    assert_one_line_error(proc, "mountpoint", "does not exist")
 
 
 def test_log_level_in_any_case(tmp_path):
@@ -216,6 +233,12 @@ BOOL, INT, SIZE, STR = ("expected true or false", "expected an integer",
     ('passthrough = "yes"', "passthrough", "'yes'"),
     ("log_level = false", "log_level", STR),
     ("fast_size = [1]", "fast_size", "not an array"),
+    ("fast_min_free = 0", "fast_min_free", "larger than 0; or auto, or off"),
+    ('fast_min_free = "-1G"', "fast_min_free", "larger than 0"),
+    ("fast_min_free = nan", "fast_min_free", SIZE),
+    ('fast_min_free = "inf"', "fast_min_free", "not a size"),
+    ('fast_min_free = "never"', "fast_min_free", "not a size"),
+    ("fast_min_free = false", "fast_min_free", SIZE),
 ])
 def test_config_values_are_checked(tmp_path, line, key, needle):
     cfg = tmp_path / "models.toml"

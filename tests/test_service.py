@@ -304,6 +304,11 @@ def test_prometheus_metrics_match_the_stats(cold_tree, mounter):
         assert samples[("aattsfs_read_seconds_count", (("tier", tier),))] == s["reads"][tier]
     assert samples[("aattsfs_fast_tier_budget_bytes", ())] == 256 * MiB
     assert samples[("aattsfs_fast_tier_used_bytes", ())] == s["fast_tier"]["used_bytes"]
+    # no floor on a fast dir on disk (docs/memory.md): the budget is whole, nothing polled
+    assert samples[("aattsfs_fast_tier_effective_budget_bytes", ())] == 256 * MiB
+    assert samples[("aattsfs_memory_floor_bytes", ())] == 0
+    assert samples[("aattsfs_memory_floor_active", ())] == 0
+    assert ("aattsfs_memory_available_bytes", ()) not in samples
     # the second read of mid.bin was a passthrough open (this machine has it)
     pt = s["passthrough"]
     assert pt["active"] and pt["opens"] >= 1

@@ -411,3 +411,35 @@ def test_a_streaming_reader_keeps_the_file_its_open_found(tmp_path, monkeypatch)
     assert store.tier("a") == "cold" and store.stats.promotions == 0
     assert store.core.used == 0
     close_store(store)
+
+
+@pytest.mark.parametrize("side", ["cold", "fast"])
+def test_a_failed_copy_is_blamed_on_the_tier_that_failed(tmp_path, monkeypatch, side):
+    """A promotion's copy fails for real: its read of the cold file (the
+    fd is a directory's) or its write to the fast tier (the fd is read-only).
+    Only the first is the cold tier's: warm says EIO for it; a fast tier
+    that fails is ENOSPC ("full or failing"), as a full one is."""
+    import aattsfs.store as store_mod
+    cold_files(tmp_path, a=CHUNK)
+    store = make_store(tmp_path, 4 * CHUNK)
+    real = store_mod._copy_range
+
+    def copy_range(src, dst, off, length):
+        bad = os.open(tmp_path / "cold" if side == "cold" else os.devnull, os.O_RDONLY)
+        try:
+            return real(bad, dst, off, length) if side == "cold" else \
+                real(src, bad, off, length)
+        finally:
+            os.close(bad)
+
+    monkeypatch.setattr(store_mod, "_copy_range", copy_range)
+
+    async def body():
+        with pytest.raises(OSError) as exc:
+            await store.warm("a")
+        assert exc.value.errno == (errno.EIO if side == "cold" else errno.ENOSPC)
+
+    running(store, body)
+    assert store.stats.promotions_failed == 1 and store.stats.promotions_nospace == 0
+    assert store.tier("a") == "cold" and store.core.used == 0
+    close_store(store)
