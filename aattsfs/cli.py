@@ -98,6 +98,10 @@ def cli():
 @click.option("--prefetch-bandwidth", type=SizeType(), default=None,
               help="Cap on the cold-tier bytes per second read by prefetching, e.g. 100M "
               "[default: no cap].")
+@click.option("--learn-from", metavar="FILE",
+              help="Seed the learner at each start with a trace exported on another box "
+              "(aattsfs trace export), after what this mount has learned; not kept "
+              "(docs/fleet.md).")
 @click.option("--push-page-cache", is_flag=True,
               help="Also copy each staged file into the kernel page cache (RAM used twice; "
               "see docs/prediction.md).")
@@ -521,7 +525,8 @@ for _action in ACTIONS:
 
 @cli.group()
 def trace():
-    """Access traces: export a mount's, or generate a synthetic one."""
+    """Access traces: export a mount's, import one into another, or generate a
+    synthetic one."""
 
 
 @trace.command("export")
@@ -529,6 +534,54 @@ def trace():
 def trace_export(mountpoint):
     """Print the recent opens seen by a live mount, as JSON lines."""
     sys.stdout.buffer.write(_control_file(mountpoint, "trace"))
+
+
+@trace.command("import")
+@click.argument("mountpoint")
+@click.argument("trace_file", type=click.File("rb"), metavar="FILE")
+def trace_import(mountpoint, trace_file):
+    """Seed a live mount's learner with FILE, a trace exported on another box
+    ('-' for stdin): merged with what it learns itself, and kept across
+    restarts (docs/fleet.md). The whole file is checked first; a mistake
+    imports nothing."""
+    from .mount import aattsfs_mount_of, read_seed
+
+    opens = read_seed(trace_file, trace_file.name)
+    try:
+        os.lstat(mountpoint)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise UserError(f"{mountpoint} is an aattsfs mount whose daemon died; clean it "
+                            f"up with 'aattsfs umount {mountpoint}' and mount again") from None
+        raise UserError(f"{mountpoint} is not a live aattsfs mount ({exc.strerror})") from None
+    root = aattsfs_mount_of(mountpoint)
+    if root is None:
+        raise UserError(f"{mountpoint} is not on an aattsfs mount")
+    try:
+        with control.Client(root) as client:
+            answer = client.learn(opens)
+    except OSError as exc:
+        why = WHY_NOT_LEARNED.get(exc.errno, exc.strerror or str(exc))
+        raise UserError(f"cannot import {trace_file.name} into {root}: {why}") from None
+    if answer.get("learned", True):
+        click.echo(f"trace import: {answer.get('opens', len(opens))} opens learned by {root}")
+    else:
+        click.echo(f"trace import: {root} has learned these {len(opens)} opens before "
+                   "(imported, or its --learn-from); nothing imported")
+
+
+# What the daemon's errors of an import mean, and what to do.
+WHY_NOT_LEARNED = {
+    errno.EPERM: "only root and the mount's owner may import a trace",
+    errno.ENODATA: "the daemon serving it has no control socket (started by an older "
+                   "aattsfs?); remount it",
+    errno.ECONNREFUSED: "the daemon serving it does not answer on its control socket; "
+                        "see its log",
+    errno.ECONNRESET: "the daemon closed the connection (started by an older aattsfs?); "
+                      "see its log",
+    errno.EUSERS: "the daemon has too many control connections open; try again",
+    errno.EBUSY: "another import into it is in progress; try again once it is done",
+}
 
 
 @trace.command("generate")

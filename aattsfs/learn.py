@@ -16,13 +16,21 @@ A forecast lists the rest of each live stream (the files format hints
 promised it and it has not opened yet, then the learned continuation), then
 the next processes of the chain, each expanded into the files it is
 expected to open.
+
+Opens imported from another box (`aattsfs trace import`, `--learn-from`;
+docs/fleet.md) teach the same counts, but their streams are keyed apart
+(`Imported`): a pid there is not a process here, and one import's chain of
+processes is its own sequence, never stitched onto this box's.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 from collections import OrderedDict
-from typing import Callable, Container, Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Container, Hashable, Iterable, Iterator, Sequence
 
 from .predict import Key, forecast, make_predictor
 
@@ -35,6 +43,9 @@ RANK_HORIZON = 4  # budgets' worth of forecast that evictions rank by
 RANK_MIN_PROB = 1e-4
 RANK_STEPS = 1024
 MAX_STREAMS = 1024  # streams remembered; the oldest is forgotten first
+MAX_SOURCES = 64  # imports whose chain context is remembered
+REPLAY_STEP = 1000  # opens a replay learns between two pauses (`Learner.replaying`)
+IMPORTED = "imported"  # the event field naming the import an open came with
 
 Stream = Hashable
 Forecast = list[tuple[Key, float]]
@@ -42,6 +53,43 @@ Forecast = list[tuple[Key, float]]
 
 def _no_hints(key: Key) -> list[Key]:
     return []
+
+
+@dataclass(frozen=True)
+class Imported:
+    """The stream of a process that ran on another box, as one import
+    (`source`, the import's id) recorded it. Never equal to a local stream
+    (pid, start): a pid there must not continue, or be taken for, a process
+    here."""
+
+    source: str
+    pid: int | None
+    start: float | None
+
+
+def stream_key(ev: dict) -> Stream:
+    """The stream a trace event belongs to: its process, or for an imported
+    event, its process within that import."""
+    pid, start = ev.get("pid"), ev.get("start")
+    return (pid, start) if IMPORTED not in ev else Imported(ev[IMPORTED], pid, start)
+
+
+class ImportId:
+    """The id of an import: a digest of its opens as sent (`sim.open_event`),
+    whatever the file's formatting or other events, so that a trace
+    imported twice, or imported and also given to --learn-from, is learned
+    once. Fed batch by batch (`add`), as the control socket receives it."""
+
+    def __init__(self, opens: Iterable[dict] = ()) -> None:
+        self._digest = hashlib.sha256()
+        self.add(opens)
+
+    def add(self, opens: Iterable[dict]) -> None:
+        for ev in opens:
+            self._digest.update(json.dumps(ev, sort_keys=True).encode() + b"\n")
+
+    def __str__(self) -> str:
+        return self._digest.hexdigest()[:16]
 
 
 class _StreamState:
@@ -58,6 +106,9 @@ class Learner:
         self.within = make_predictor(predictor)
         self.chain = make_predictor(predictor)
         self.streams: OrderedDict[Stream, _StreamState] = OrderedDict()
+        # each import's chain context: its processes follow one another, not
+        # this box's (None, the chain's own history, is this box's)
+        self._chains: OrderedDict[str, list] = OrderedDict()
 
     def observe(self, stream: Stream, key: Key, hinted: Iterable[Key] = ()) -> bool:
         """`stream` opened `key`, after which the format hints expect `hinted`;
@@ -66,7 +117,7 @@ class Learner:
         first = state is None
         if first:
             state = self.streams[stream] = _StreamState()
-            self.chain.observe(key)
+            self.chain.observe(key, self._chain_context(stream))
             while len(self.streams) > MAX_STREAMS:
                 self.streams.popitem(last=False)
         else:
@@ -78,6 +129,36 @@ class Learner:
         # through the process's other opens, until it opens them.
         state.pending.update((k, None) for k in hinted if k not in state.opened)
         return first
+
+    def _chain_context(self, stream: Stream) -> list | None:
+        if not isinstance(stream, Imported):
+            return None
+        context = self._chains.setdefault(stream.source, [])
+        self._chains.move_to_end(stream.source)
+        while len(self._chains) > MAX_SOURCES:
+            self._chains.popitem(last=False)
+        return context
+
+    def replaying(self, events: Sequence[dict]) -> Iterator[None]:
+        """Learn the opens of a recorded trace (the ring at start, an import)
+        as if they were seen now, pausing (yielding) every REPLAY_STEP opens
+        so that the daemon can serve between. An imported stream is
+        forgotten after its last open here: no process on this box continues
+        it, and kept, a large import would push the streams of live
+        processes out of the MAX_STREAMS remembered."""
+        opens = [(stream_key(ev), ev["path"]) for ev in events if ev.get("op") == "open"]
+        last = {s: i for i, (s, _) in enumerate(opens) if isinstance(s, Imported)}
+        for i, (stream, key) in enumerate(opens):
+            self.observe(stream, key)
+            if last.get(stream) == i:
+                self.streams.pop(stream, None)
+            if i % REPLAY_STEP == REPLAY_STEP - 1:
+                yield
+
+    def replay(self, events: Sequence[dict]) -> None:
+        """`replaying` without pauses."""
+        for _ in self.replaying(events):
+            pass
 
     def forecast(self, streams: Iterable[Stream], size_of: Callable[[Key], int],
                  budget: int, hints: Callable[[Key], list[Key]] = _no_hints,

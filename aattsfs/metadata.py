@@ -7,7 +7,9 @@ Databases (schema version in `meta`):
 - ``meta``:   ``schema`` -> version, ``trace_next`` -> next sequence number
 
 The trace is the learned state: the daemon replays it through its learner
-at start (docs/prediction.md says why no counts are stored). Schema 1 also
+at start (docs/prediction.md says why no counts are stored). Opens imported
+from another box (`aattsfs trace import`) are kept in the same ring, tagged
+with their import (docs/fleet.md). Schema 1 also
 kept global transition counts (``trans``); opening it drops them.
 
 The daemon keeps its working state in memory and hands this module batches
@@ -122,7 +124,9 @@ _RECORD_FIELDS = {"size": _count, "mtime_ns": _int, "tier": lambda v: v in ("col
 assert _RECORD_FIELDS.keys() == {f.name for f in fields(FileRecord)}
 _EVENT_FIELDS = {"t": _number, "op": lambda v: v in ("open", "read"), "path": _rel_path,
                  "via": _rel_path, "size": _count, "pid": _int, "start": lambda v: v is None or _number(v),
-                 "ranges": _ranges, "more_ranges": _count}
+                 "ranges": _ranges, "more_ranges": _count,
+                 # an open imported from another box: the import's id (docs/fleet.md)
+                 "imported": lambda v: isinstance(v, str) and 0 < len(v) <= 64}
 
 
 def _event(raw: bytes) -> dict | None:

@@ -31,7 +31,8 @@ import trio
 
 from .errors import UserError
 from .fs import Operations
-from .metadata import MetaStore
+from .learn import ImportId
+from .metadata import TRACE_CAPACITY, MetaStore
 from . import control, memfloor, metrics, passthrough
 from .policy import make_admission, make_policy
 from .residency import Residency
@@ -73,6 +74,7 @@ class MountConfig:
     cold_watch: str = "auto"  # opens of fast copies without a cold call (watch.py): auto, off
     metrics_address: str | None = None  # HOST:PORT of the Prometheus endpoint
     metrics_allow_remote: bool = False
+    learn_from: str | None = None  # a trace from another box, learned at each start
 
 
 # Stopped (TERM, INT) or asked for a dump (USR1) through the trio loop
@@ -270,8 +272,9 @@ def prepare(cfg: MountConfig, created: list[str] | None = None) -> MountConfig:
     min_free = _min_free(cfg.fast_min_free, fast)
     _ensure_dir(fast, "fast dir", "--fast-dir", created)
     _ensure_dir(state, "state dir", "--state-dir", created)
+    learn_from = os.path.abspath(cfg.learn_from) if cfg.learn_from else None
     return dataclasses.replace(cfg, cold=cold, mountpoint=mnt, fast_dir=fast, state_dir=state,
-                               fast_min_free=min_free)
+                               fast_min_free=min_free, learn_from=learn_from)
 
 
 def _min_free(asked: int | None, fast: str) -> int:
@@ -293,6 +296,39 @@ def _min_free(asked: int | None, fast: str) -> int:
                         f"memory ({format_size(total)}): the fast tier would never hold a "
                         "file; lower it, or pass --fast-min-free off")
     return asked
+
+
+def read_seed(lines, name: str) -> list[dict]:
+    """The opens of a trace to learn from (`--learn-from`, `aattsfs trace
+    import`), each as it is sent and kept (sim.open_event). The whole file
+    is checked first, as `aattsfs sim` checks a trace, and every path must
+    name a file of the mount (control.check_learnable): a mistake is one
+    UserError naming `name`, the line and what is wrong, and nothing of the
+    file is learned."""
+    from .sim import open_event, read_trace
+
+    try:
+        opens = [open_event(r) for r in read_trace(lines, control.check_learnable)]
+    except ValueError as exc:
+        raise UserError(f"{name}: {exc}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {name}: {exc.strerror}") from None
+    if not opens:
+        raise UserError(f"{name} holds no open events; nothing to learn")
+    if len(opens) > TRACE_CAPACITY:
+        raise UserError(f"{name} holds {len(opens)} opens, more than the {TRACE_CAPACITY} a "
+                        "trace keeps; keep the latest of them")
+    return opens
+
+
+def _read_learn_from(path: str | None) -> list[dict] | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return read_seed(f, f"--learn-from {path}")
+    except OSError as exc:
+        raise UserError(f"cannot read --learn-from {path}: {exc.strerror}") from None
 
 
 def _overlap(a: str, b: str) -> bool:
@@ -415,8 +451,9 @@ def run_foreground(cfg: MountConfig) -> None:
     created: list[str] = []
     try:
         cfg = prepare(cfg, created)
+        seed = _read_learn_from(cfg.learn_from)  # a bad file stops the start here
         with contextlib.ExitStack() as stack:  # every teardown step, in reverse order
-            _serve_mount(cfg, stack, created)
+            _serve_mount(cfg, stack, created, seed)
     except UserError as exc:
         _remove_created(created)
         _tell_parent(f"ERROR {exc}")
@@ -434,7 +471,8 @@ def _tell_parent(line: str) -> None:
         os.close(int(fd))
 
 
-def _serve_mount(cfg: MountConfig, stack: contextlib.ExitStack, created: list[str]) -> None:
+def _serve_mount(cfg: MountConfig, stack: contextlib.ExitStack, created: list[str],
+                 seed: list[dict] | None = None) -> None:
     stack.callback(os.close, _lock_state_dir(cfg.state_dir))
     cold = ColdTier(cfg.cold)
     stack.callback(cold.close)
@@ -457,6 +495,12 @@ def _serve_mount(cfg: MountConfig, stack: contextlib.ExitStack, created: list[st
     store.recover()
     prefetcher = Prefetcher(store, cfg.predictor, cfg.prefetch, cfg.prefetch_jobs)
     prefetcher.learn_from(meta.events())
+    if seed is not None:  # after the ring; not kept in it: the file is the source
+        if prefetcher.learn_file(seed, str(ImportId(seed))):
+            log.info("learned %d opens from %s (--learn-from)", len(seed), cfg.learn_from)
+        else:
+            log.info("--learn-from %s: the trace already holds its %d opens (aattsfs trace "
+                     "import); not learned twice", cfg.learn_from, len(seed))
     ops = Operations(store, timeout=cfg.timeout)
     store.push_pages = ops.push_to_page_cache
     store.push_staged = cfg.push_page_cache
@@ -550,7 +594,8 @@ async def _serve(store: Store, ops: Operations, prefetcher: Prefetcher, cfg: Mou
         await nursery.start(store.run)
         await nursery.start(prefetcher.run)
         name = control.socket_name()
-        await nursery.start(control.serve, store, name, frozenset({0, os.getuid()}))
+        await nursery.start(control.serve, store, name, frozenset({0, os.getuid()}),
+                            prefetcher)
         ops.control_name = name
         nursery.start_soon(ops.invalidate_changes)
         if store.min_free:
@@ -613,6 +658,7 @@ def daemonize(cfg: MountConfig, argv: list[str]) -> None:
     created: list[str] = []
     try:
         cfg = prepare(cfg, created)
+        _read_learn_from(cfg.learn_from)  # checked here too, to tell this terminal
     except UserError:
         _remove_created(created)
         raise

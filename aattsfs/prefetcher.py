@@ -14,6 +14,11 @@ most once per PLAN_INTERVAL: the latest open is always planned for).
 the forecast files expected sooner than it as protected from eviction; the
 store paces their cold reads to the bandwidth cap. With prefetch off, the
 task still learns, so turning it on later starts from what was seen.
+
+Opens recorded on another box seed the learner too (docs/fleet.md): a
+`--learn-from` file at start, replayed after the ring and not kept, and
+`aattsfs trace import` while serving, kept in the ring. Each import is
+learned once, by its id, and its processes are keyed apart from this box's.
 """
 
 from __future__ import annotations
@@ -22,12 +27,12 @@ import json
 import logging
 import os
 from collections import OrderedDict
-from typing import Iterable
+from typing import Iterator, Sequence
 
 import trio
 
 from . import hints
-from .learn import ExpectedBy, Learner, plan
+from .learn import IMPORTED, ExpectedBy, Learner, plan
 from .procs import Stream, alive
 from .store import Promotion, Store, remember
 
@@ -55,18 +60,57 @@ class Prefetcher:
         self._pending = False  # an open came that is not planned for yet
         self._live: OrderedDict[Stream, None] = OrderedDict()
         self._hinted: OrderedDict[str, list[str]] = OrderedDict()  # rel -> model files
-        self._sizes: OrderedDict[str, int] = OrderedDict()  # of hinted files not opened yet
+        # sizes of files not opened here yet that hints or imports name
+        self._sizes: OrderedDict[str, int] = OrderedDict()
         self._checked: OrderedDict[tuple, bool] = OrderedDict()  # (rel, size, mtime) -> complete
         self._inflight: dict[str, Promotion] = {}
+        self.imported: set[str] = set()  # ids of the imports learned (learn.ImportId)
 
-    def learn_from(self, events: Iterable[dict]) -> None:
+    def learn_from(self, events: Sequence[dict]) -> None:
         """Replay a trace (the LMDB ring at start) into the learner, and the
         names files were opened by."""
+        for _ in self._replaying(events):
+            pass
+
+    def learn_file(self, opens: list[dict], source: str) -> bool:
+        """Learn the opens of a --learn-from file (at start, after the ring),
+        as import `source`; not kept: the file is read again at each start.
+        False if the ring holds that import already (`aattsfs trace import`
+        of the same trace): it is not learned twice."""
+        if source in self.imported:
+            return False
+        self.learn_from([{**ev, IMPORTED: source} for ev in opens])
+        return True
+
+    async def seed(self, opens: list[dict], source: str) -> bool:
+        """Learn opens another box recorded (`aattsfs trace import`, already
+        checked) as import `source`, and keep them in the ring so that a
+        restart remembers them. False if that import is learned already.
+        Replayed in steps, serving requests between (100,000 opens take
+        about a second)."""
+        if source in self.imported:
+            return False
+        self.imported.add(source)
+        tagged = [{**ev, IMPORTED: source} for ev in opens]
+        # kept first: should shutdown cut the replay short, the next start
+        # replays the whole import from the ring
+        self.store.keep_events(tagged)
+        for _ in self._replaying(tagged):
+            await trio.sleep(0)
+        return True
+
+    def _replaying(self, events: Sequence[dict]) -> Iterator[None]:
         for ev in events:
-            if ev.get("op") == "open":
-                self.learner.observe((ev.get("pid"), ev.get("start")), ev["path"])
-                if "via" in ev:
-                    self.store.name(ev["path"], ev["via"])
+            if IMPORTED in ev:
+                self.imported.add(ev[IMPORTED])
+                # sizes from the other box stand in for files not seen here yet,
+                # so that the plan knows how much of the budget they take
+                if ev.get("op") == "open" and ev.get("size") and \
+                        ev["path"] not in self.store.entries:
+                    remember(self._sizes, ev["path"], ev["size"], MAX_CACHED)
+            if ev.get("op") == "open" and "via" in ev:
+                self.store.name(ev["path"], ev["via"])
+        yield from self.learner.replaying(events)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.store.plan_pending = self.plan_pending

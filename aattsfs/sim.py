@@ -18,11 +18,11 @@ import heapq
 import json
 import math
 from dataclasses import dataclass
-from typing import Container, Hashable, Iterable
+from typing import Callable, Container, Hashable, Iterable
 
 from collections import OrderedDict
 
-from .learn import Learner, plan
+from .learn import IMPORTED, Imported, Learner, plan
 from .policy import Admission, AdmitAll, EvictionPolicy
 from .residency import Residency
 
@@ -91,14 +91,17 @@ MAX_LIVE = 64  # streams forecast for at once (prefetcher.MAX_LIVE)
 MAX_SIZE = 1 << 62  # a file size past any disk: a corrupt trace, not a workload
 
 
-def read_trace(lines: Iterable[str | bytes]) -> list[Request]:
+def read_trace(lines: Iterable[str | bytes],
+               check_path: Callable[[str], None] | None = None) -> list[Request]:
     """Opens from a JSON-lines trace (text or bytes lines); other events and
     blank lines are skipped. Raises ValueError naming the first line that is
-    not a valid event, and what is wrong with it."""
+    not a valid event, and what is wrong with it; `check_path` raises
+    ValueError for a path the caller refuses (a trace to learn from must
+    name files of the mount: control.check_learnable)."""
     out = []
     for n, line in enumerate(lines, 1):
         try:
-            request = _request(line)
+            request = _request(line, check_path)
         except ValueError as exc:
             raise ValueError(f"line {n} is not a trace event: {exc}") from None
         if request is not None:
@@ -110,7 +113,8 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _request(line: str | bytes) -> Request | None:
+def _request(line: str | bytes, check_path: Callable[[str], None] | None = None
+             ) -> Request | None:
     """The open one trace line records, None for another event; checks every
     field it uses, so that no odd value reaches the replay as a crash."""
     if isinstance(line, bytes):
@@ -128,6 +132,13 @@ def _request(line: str | bytes) -> Request | None:
         raise ValueError(f"not JSON ({exc})") from None
     if not isinstance(ev, dict):
         raise ValueError(f"not a JSON object but {json.dumps(ev)[:40]}")
+    return check_open(ev, check_path)
+
+
+def check_open(ev: dict, check_path: Callable[[str], None] | None = None) -> Request | None:
+    """The open a trace event records, None for another kind of event;
+    ValueError saying what is wrong otherwise. (The control socket checks
+    each event an import sends with it too.)"""
     op = ev.get("op", "open")
     if not isinstance(op, str):
         raise ValueError('"op" is not a string')
@@ -136,6 +147,8 @@ def _request(line: str | bytes) -> Request | None:
     path, size = ev.get("path"), ev.get("size")
     if not isinstance(path, str) or not path:
         raise ValueError('an open needs "path", a non-empty string')
+    if check_path is not None:
+        check_path(path)
     if not (_is_int(size) and 0 <= size <= MAX_SIZE):
         raise ValueError(f'an open needs "size", an integer of bytes from 0 to 2**62, '
                          f'not {json.dumps(size)[:40]}')
@@ -143,15 +156,35 @@ def _request(line: str | bytes) -> Request | None:
     if t is not None and not (isinstance(t, (int, float)) and not isinstance(t, bool)
                               and math.isfinite(t)):
         raise ValueError(f'"t" is not a number but {json.dumps(t)[:40]}')
-    if "pid" not in ev:
+    source = ev.get(IMPORTED)
+    if source is not None and not (isinstance(source, str) and 0 < len(source) <= 64):
+        raise ValueError(f'"{IMPORTED}" is not an import\'s id but {json.dumps(source)[:40]}')
+    if "pid" not in ev and source is None:
         return Request(path, size, None, t)
-    pid, start = ev["pid"], ev.get("start")  # the stream: (pid, process start time)
-    if not _is_int(pid):
+    pid, start = ev.get("pid"), ev.get("start")  # the stream: (pid, process start time)
+    if "pid" in ev and not _is_int(pid):
         raise ValueError(f'"pid" is not an integer but {json.dumps(pid)[:40]}')
     if start is not None and not (isinstance(start, (int, float)) and not
                                   isinstance(start, bool) and math.isfinite(start)):
         raise ValueError(f'"start" is not a number or null but {json.dumps(start)[:40]}')
-    return Request(path, size, (pid, start), t)
+    # an open imported from another box is of a process there (learn.Imported)
+    return Request(path, size, (pid, start) if source is None else Imported(source, pid, start),
+                   t)
+
+
+def open_event(r: Request) -> dict:
+    """The event an open is sent and kept as when a trace is imported (the
+    other way round from `check_open`): its process's pid and start, not
+    the import it may have come with on the exporting box (the importing
+    box tags it with its own, docs/fleet.md)."""
+    ev = {"t": 0.0 if r.t is None else r.t, "op": "open", "path": r.path, "size": r.size}
+    if isinstance(r.stream, Imported):
+        pid, start = r.stream.pid, r.stream.start
+    else:
+        pid, start = r.stream if r.stream is not None else (None, None)
+    if pid is not None:
+        ev.update(pid=pid, start=start)
+    return ev
 
 
 def simulate(trace: list[Request], budget: int, policy: EvictionPolicy,

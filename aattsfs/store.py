@@ -784,6 +784,13 @@ class Store:
         except trio.WouldBlock:
             self.stats.events_dropped += 1
 
+    def keep_events(self, events: list[dict]) -> None:
+        """Events learned elsewhere (an import, docs/fleet.md): kept for the
+        trace and its ring in LMDB like the daemon's own, so that a restart
+        replays them, but not sent to the prefetcher, which learned them
+        itself."""
+        self._events.extend(events)
+
     async def pace(self, prom: Promotion, nbytes: int) -> None:
         """Hold a prefetch's filler to the cold-tier bandwidth cap, until a
         process opens the file (then it is a demand read)."""

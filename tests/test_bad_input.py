@@ -313,3 +313,66 @@ def test_trace_not_utf8(tmp_path):
     trace.write_bytes(b'{"path": "a", "size": 1}\n\xff\xfe\n')
     assert_one_line_error(run_cli("sim", trace, "--budget", "1G", check=False), "line 2",
                           "UTF-8")
+
+
+# -- trace import and --learn-from: a bad trace is one line, nothing learned
+
+GOOD_OPEN = '{"op": "open", "path": "mid.bin", "size": 1, "pid": 7, "start": 1.5}\n'
+
+
+@pytest.mark.parametrize("text,needles", [
+    (GOOD_OPEN + "{oops\n", ["line 2", "not JSON"]),
+    (GOOD_OPEN + '{"path": "a", "size": "5"}\n', ["line 2", "size"]),
+    ('{"path": "a", "size": 1, "pid": "7"}\n', ["line 1", "pid"]),
+    ('{"path": "a", "size": 1, "start": "now", "pid": 1}\n', ["line 1", "start"]),
+    ('{"path": "a", "size": 1, "imported": 3}\n', ["line 1", "imported"]),
+    ('{"path": ["a"], "size": 1}\n', ["line 1", "path"]),
+    ('{"path": "/etc/passwd", "size": 1}\n', ["line 1", "plain relative path"]),
+    (GOOD_OPEN * 2 + '{"path": "models/../../x", "size": 1}\n', ["line 3", "plain relative"]),
+    ('{"path": "a//b", "size": 1}\n', ["line 1", "plain relative path"]),
+    ('{"path": ".aatts/stats", "size": 1}\n', ["line 1", "control directory"]),
+    ('{"path": "a\\u0000b", "size": 1}\n', ["line 1", "plain relative path"]),
+    ('{"path": "a\\ud800", "size": 1}\n', ["line 1", "can encode"]),
+    ('{"path": "%s", "size": 1}\n' % ("d/" * 2048 + "f"), ["line 1", "longer than"]),
+    ('{"op": "read", "path": "a", "ranges": []}\n\n', ["no open events"]),
+])
+def test_trace_import_of_a_bad_trace(tmp_path, text, needles):
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(text)
+    # the file is checked before the mount point: no mount needed here
+    assert_one_line_error(run_cli("trace", "import", tmp_path, trace, check=False),
+                          str(trace), *needles)
+    assert_one_line_error(run_cli("trace", "import", tmp_path, "-", input=text,
+                                  check=False), "<stdin>", *needles)
+
+
+def test_trace_import_of_a_missing_file_or_off_a_mount(tmp_path):
+    assert_one_line_error(run_cli("trace", "import", tmp_path, tmp_path / "nope.jsonl",
+                                  check=False), "nope.jsonl", "No such file")
+    assert_one_line_error(run_cli("trace", "import", tmp_path, tmp_path, check=False),
+                          "directory")
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(GOOD_OPEN)
+    assert_one_line_error(run_cli("trace", "import", tmp_path, trace, check=False),
+                          f"{tmp_path} is not on an aattsfs mount")
+    assert_one_line_error(run_cli("trace", "import", tmp_path / "nope", trace, check=False),
+                          "not a live aattsfs mount")
+
+
+@pytest.mark.parametrize("text,needles", [
+    (None, ["cannot read --learn-from", "No such file"]),
+    ("{oops\n", ["--learn-from", "line 1", "not JSON"]),
+    ('{"path": "../x", "size": 1}\n', ["--learn-from", "line 1", "plain relative path"]),
+    ("", ["--learn-from", "no open events"]),
+])
+def test_mount_with_a_bad_learn_from(dirs, text, needles):
+    trace = dirs["tmp"] / "seed.jsonl"
+    if text is not None:
+        trace.write_text(text)
+    assert_one_line_error(mount(dirs, None, None, "--learn-from", trace), *needles)
+    assert not is_mounted(dirs["mnt"])
+    assert not (dirs["tmp"] / "fast").exists() and not (dirs["tmp"] / "state").exists()
+    config = dirs["tmp"] / "m.toml"  # the same from a config file
+    config.write_text(f'learn_from = "{trace}"\n')
+    assert_one_line_error(mount(dirs, None, None, "--config", config), *needles)
+    assert not is_mounted(dirs["mnt"])

@@ -4,7 +4,7 @@ hand-checked sequences."""
 import pytest
 
 from aattsfs.policy import PredictivePolicy, make_policy
-from aattsfs.learn import ExpectedBy, Learner, ranks, staging
+from aattsfs.learn import ExpectedBy, Imported, Learner, ranks, staging, stream_key
 from aattsfs.predict import LastSuccessor, Markov, PPM, forecast
 from aattsfs.sim import Request, belady_min, simulate
 from aattsfs.tracegen import PATTERNS
@@ -119,6 +119,33 @@ def test_the_chain_of_processes_stages_the_next_model():
     # the byte budget cuts the look-ahead
     assert [k for k, _ in lr.forecast([pid + 1], lambda k: 1, 3)] == \
         ["A/w1", "A/w2", "B/config"]
+
+
+def test_imported_streams_are_kept_apart_from_local_ones():
+    lr = Learner("markov")
+    lr.observe((100, 5.0), "local/config")  # a live process here
+    lr.observe((200, 6.0), "z/config")  # the latest first open here
+    # another box's trace: its pid 100 is not this box's process 100, and
+    # its processes follow one another, not this box's
+    imported = [{"op": "open", "path": p, "size": 1, "pid": pid, "start": 5.0,
+                 "imported": "abc"}
+                for pid, p in ((100, "a/config"), (100, "a/w"), (101, "b/config"),
+                               (101, "b/w"))]
+    assert stream_key(imported[0]) == Imported("abc", 100, 5.0) != (100, 5.0)
+    lr.replay(imported)
+    assert lr.streams[(100, 5.0)].opened == {"local/config"}
+    assert lr.within.after(["local/config"]) == []
+    assert lr.chain.after(["z/config"]) == []  # no z -> a stitched across the two
+    assert lr.chain.after(["a/config"]) == [("b/config", 1.0)]
+    assert lr.within.after(["a/config"]) == [("a/w", 1.0)]
+    # the import's processes ran elsewhere: forgotten once replayed, they
+    # push no live stream out of those remembered
+    assert list(lr.streams) == [(100, 5.0), (200, 6.0)]
+    # and the live chain goes on from this box's latest process
+    lr.observe((300, 7.0), "a/config")
+    assert lr.chain.after(["z/config"]) == [("a/config", 1.0)]
+    assert [k for k, _ in lr.forecast([(300, 7.0)], lambda k: 1, 10)] == \
+        ["a/w", "b/config", "b/w"]
 
 
 def test_hinted_files_stay_expected_until_the_process_opens_them():

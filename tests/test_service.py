@@ -170,6 +170,13 @@ def test_only_root_and_the_owner_may_use_the_control_surface(open_root, tmp_path
     m.wait_tier("shared.bin")
     for action in ("evict", "pin"):
         assert _as_nobody(lambda: act(path, action)) == errno.EPERM
+
+    def learn():  # nor teach the learner (aattsfs trace import)
+        from aattsfs.control import Client
+        with Client(str(m.path())) as client:
+            client.learn([{"t": 0.0, "op": "open", "path": "shared.bin", "size": MiB}])
+    assert _as_nobody(learn) == errno.EPERM
+    assert '"imported"' not in m.path(".aatts/trace").read_text()
     assert m.tier("shared.bin") == "fast"
     assert os.getxattr(path, "user.aatts.pinned") == b"0"
     run_cli("evict", path)  # root may

@@ -1,13 +1,14 @@
 """The simulator and the offline optimum, on hand-checked cases."""
 
 import io
+import json
 from dataclasses import replace
 
 import pytest
 
-from aattsfs.learn import Learner
+from aattsfs.learn import Imported, Learner
 from aattsfs.policy import LFUPolicy, LRUPolicy
-from aattsfs.sim import Request, belady_min, byte_bound, read_trace, simulate
+from aattsfs.sim import Request, belady_min, byte_bound, open_event, read_trace, simulate
 from aattsfs.tracegen import PATTERNS, write_trace
 
 
@@ -100,6 +101,29 @@ def test_trace_round_trip_and_errors():
         read_trace(['{"op": "open", "path": "a", "size": 1}', '{"op": "open"}'])
     with pytest.raises(ValueError, match="line 1"):
         read_trace(["not json"])
+
+
+def test_imported_opens_are_streams_of_their_own_and_paths_can_be_checked():
+    lines = ['{"op": "open", "path": "a", "size": 1, "pid": 7, "start": 2.5}',
+             '{"op": "open", "path": "b", "size": 1, "pid": 7, "start": 2.5, "imported": "x1"}',
+             '{"op": "open", "path": "c", "size": 1, "imported": "x1"}']
+    trace = read_trace(lines)
+    assert [r.stream for r in trace] == [(7, 2.5), Imported("x1", 7, 2.5),
+                                         Imported("x1", None, None)]
+    # sent and kept on import as the process's own open, the importer tags it anew
+    assert [open_event(r) for r in trace] == [
+        {"t": 0.0, "op": "open", "path": p, "size": 1, **extra}
+        for p, extra in (("a", {"pid": 7, "start": 2.5}), ("b", {"pid": 7, "start": 2.5}),
+                         ("c", {}))]
+    assert read_trace([json.dumps(open_event(trace[0]))]) == [replace(trace[0], t=0.0)]
+    with pytest.raises(ValueError, match='line 1 .*"imported"'):
+        read_trace(['{"path": "a", "size": 1, "imported": 5}'])
+
+    def check(path):
+        if path.startswith("/"):
+            raise ValueError("absolute")
+    with pytest.raises(ValueError, match="line 2 is not a trace event: absolute"):
+        read_trace(['{"path": "a", "size": 1}', '{"path": "/a", "size": 1}'], check)
 
 
 def test_sim_cli(tmp_path):
