@@ -127,8 +127,9 @@ class Exporter:
             return None
         traversable: dict[str, bool] = {}  # per directory, for this request only
         for row in view["hottest"]:
-            if not world_readable(self.store.cold.root, row["path"], traversable):
-                row["path"] = PRIVATE
+            if not all(world_readable(self.store.cold.root, row[k], traversable)
+                       for k in ("path", "name")):
+                row["path"] = row["name"] = PRIVATE
         return view
 
     def collect(self):
