@@ -69,7 +69,7 @@ class SlowCold:
         if not marker.exists() or marker.read_text() != str(src):
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(dest, ignore_errors=True)
-            shutil.copytree(src, dest)
+            shutil.copytree(src, dest, symlinks=True)  # a hub cache's snapshot links
             marker.write_text(str(src))
         return dest
 

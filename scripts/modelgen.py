@@ -6,6 +6,7 @@
   `save_pretrained(max_shard_size=...)`, i.e. the real sharded layout with
   `model.safetensors.index.json`.
 - Per-tensor: one `torch.save` file per tensor, named in layer order.
+- Any of them in the Hugging Face hub cache's layout (hub_cache).
 
 Usage: python scripts/modelgen.py {minilm,gpt2,pertensor} DEST [--layers N --width N --shard SIZE]
 """
@@ -49,6 +50,29 @@ def pertensor(dest: Path, layers: int = 2, width: int = 64, seed: int = 0) -> Pa
     for i, (name, tensor) in enumerate(model.state_dict().items()):
         torch.save(tensor.clone(), dest / f"{i:04d}-{name}.pt")
     return dest
+
+
+def hub_cache(cache: Path, src: Path, repo: str, rev: str) -> Path:
+    """The model directory src as the Hugging Face hub cache holds it: each
+    file once in blobs/ under its hash, snapshots/REV/NAME a relative link
+    to it, refs/main naming REV (the layout huggingface_hub writes). Returns
+    the snapshot directory."""
+    import hashlib
+    import os
+
+    model = cache / f"models--{repo.replace('/', '--')}"
+    (model / "blobs").mkdir(parents=True, exist_ok=True)
+    (model / "snapshots" / rev).mkdir(parents=True, exist_ok=True)
+    for f in sorted(p for p in src.rglob("*") if p.is_file() and p.name != ".complete"):
+        data = f.read_bytes()
+        blob = hashlib.sha256(data).hexdigest()
+        (model / "blobs" / blob).write_bytes(data)
+        link = model / "snapshots" / rev / f.relative_to(src)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(model / "blobs" / blob, link.parent))
+    (model / "refs").mkdir(exist_ok=True)
+    (model / "refs" / "main").write_text(rev)
+    return model / "snapshots" / rev
 
 
 def main() -> None:

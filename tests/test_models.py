@@ -170,24 +170,6 @@ def test_a_model_larger_than_the_budget_loads_with_what_fits_staged(model_cold, 
     assert s["fast_tier"]["used_bytes"] <= budget
 
 
-def hub_cache(cache: Path, src: Path, repo: str, rev: str) -> None:
-    """The layout huggingface_hub writes: each file once in blobs/ under its
-    hash, snapshots/REV/NAME a relative link to it, refs/main naming REV."""
-    import hashlib
-    model = cache / f"models--{repo.replace('/', '--')}"
-    (model / "blobs").mkdir(parents=True)
-    (model / "snapshots" / rev).mkdir(parents=True)
-    for f in sorted(p for p in src.rglob("*") if p.is_file()):
-        data = f.read_bytes()
-        blob = hashlib.sha256(data).hexdigest()
-        (model / "blobs" / blob).write_bytes(data)
-        link = model / "snapshots" / rev / f.relative_to(src)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(model / "blobs" / blob, link.parent))
-    (model / "refs").mkdir()
-    (model / "refs" / "main").write_text(rev)
-
-
 HUB_LOAD = """
 import hashlib, json, sys
 from transformers import AutoModelForCausalLM
@@ -213,8 +195,8 @@ def test_models_load_by_name_from_a_hub_cache_on_the_read_only_mount(model_cold,
     import subprocess
     from conftest import manifest, run_cli
     cache = tmp_path / "hub"
-    hub_cache(cache, model_cold / "gpt2", "acme/tiny-gpt2", "a" * 40)
-    hub_cache(cache, model_cold / "minilm", "acme/minilm", "b" * 40)
+    modelgen.hub_cache(cache, model_cold / "gpt2", "acme/tiny-gpt2", "a" * 40)
+    modelgen.hub_cache(cache, model_cold / "minilm", "acme/minilm", "b" * 40)
     before = manifest(cache)
     m = mounter(cache)
 
