@@ -14,10 +14,16 @@ LIBFUSE_PREFIX := $(CURDIR)/build/libfuse
 STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml aattsfs/_passthrough.c \
             scripts/build-libfuse.sh | sha1sum | cut -c1-12)-$(LIBFUSE)
 
-# Every install of this package (re)builds the passthrough extension: always
-# against the headers of the libfuse that pyfuse3 links to.
-PIP_INSTALL = CFLAGS="$$([ "$(LIBFUSE)" = build ] && [ -d $(LIBFUSE_PREFIX)/include ] \
-                && echo -I$(LIBFUSE_PREFIX)/include)" $(PY) -m pip install -q -e
+# $(call with_libfuse,PREFIX,VENV): give VENV a pyfuse3 that knows passthrough,
+# linked to a libfuse built into PREFIX when the system's is too old.
+with_libfuse = if [ "$(LIBFUSE)" = build ]; then scripts/build-libfuse.sh $(1) $(2); \
+  elif [ "$(LIBFUSE)" != system ]; then echo "aattsfs: error: LIBFUSE must be 'build' or 'system'" >&2; exit 2; fi
+# $(call pip_install,PREFIX,PYTHON) ARGS: every install of this package
+# (re)builds the passthrough extension: always against the headers of the
+# libfuse that pyfuse3 links to (the one in PREFIX, if it was built).
+pip_install = CFLAGS="$$([ "$(LIBFUSE)" = build ] && [ -d $(1)/include ] \
+                && echo -I$(1)/include)" $(2) -m pip install -q
+PIP_INSTALL = $(call pip_install,$(LIBFUSE_PREFIX),$(PY)) -e
 
 .PHONY: demo test bench bench-quick bench-deps install system-deps venv clean
 
@@ -42,17 +48,32 @@ system-deps:
 $(STAMP): setup.cfg pyproject.toml aattsfs/_passthrough.c scripts/build-libfuse.sh
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
-	@if [ "$(LIBFUSE)" = build ]; then scripts/build-libfuse.sh $(LIBFUSE_PREFIX) $(VENV); \
-	 elif [ "$(LIBFUSE)" != system ]; then echo "aattsfs: error: LIBFUSE must be 'build' or 'system'" >&2; exit 2; fi
+	@$(call with_libfuse,$(LIBFUSE_PREFIX),$(VENV))
 	$(PIP_INSTALL) '.[dev]' 2>&1 | grep -v "is ignored" || true
 	@$(PY) -c "import aattsfs, pyfuse3, torch, transformers" || { echo "aattsfs: error: the Python install failed; see the pip output above" >&2; exit 2; }
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-# The systemd unit aattsfs@.service and /etc/aattsfs/example.toml, running
-# this checkout's virtual environment (docs/operations.md).
-install: venv
-	$(PY) -m aattsfs install-unit
+# The service's own environment, $(PREFIX)/venv: this package and its runtime
+# dependencies only (no torch, no test tools), and its pyfuse3 linked to a
+# libfuse in $(PREFIX)/libfuse when one is built, so that the service never
+# depends on this checkout. Then that environment's install-unit puts
+# aattsfs@.service in UNIT_DIR and example.toml in CONFIG_DIR, the unit
+# reading its configs there (docs/install.md).
+PREFIX     ?= /opt/aattsfs
+UNIT_DIR   ?= /etc/systemd/system
+CONFIG_DIR ?= /etc/aattsfs
+RUNTIME    := $(PREFIX)/venv
+
+install: system-deps
+	@test -x $(RUNTIME)/bin/python || $(PYTHON) -m venv $(RUNTIME)
+	$(RUNTIME)/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+	@$(call with_libfuse,$(PREFIX)/libfuse,$(RUNTIME))
+	@# pip's exit status, not grep's: an old install left in place must not pass for this one
+	@out=$$($(call pip_install,$(PREFIX)/libfuse,$(RUNTIME)/bin/python) . 2>&1); rc=$$?; \
+	  printf '%s\n' "$$out" | grep -v "is ignored" >&2; \
+	  [ $$rc -eq 0 ] || { echo "aattsfs: error: installing into $(RUNTIME) failed; see the pip output above" >&2; exit 2; }
+	$(RUNTIME)/bin/aattsfs install-unit --unit-dir $(UNIT_DIR) --config-dir $(CONFIG_DIR)
 
 clean:
 	rm -rf work .pytest_cache test-artifacts

@@ -229,25 +229,38 @@ def umount(mountpoint, config_file, lazy):
 
 @cli.command("install-unit")
 @click.option("--unit-dir", default="/etc/systemd/system", show_default=True)
-@click.option("--config-dir", default="/etc/aattsfs", show_default=True)
+@click.option("--config-dir", default="/etc/aattsfs", show_default=True,
+              help="Where the unit looks for NAME.toml, and where example.toml goes.")
 def install_unit(unit_dir, config_dir):
     """Install the systemd unit and an example config.
 
     Puts aattsfs@.service in --unit-dir and example.toml in --config-dir. Then
-    write /etc/aattsfs/NAME.toml (see example.toml there) and run
-    `systemctl enable --now aattsfs@NAME`. An existing config is kept.
+    write CONFIG_DIR/NAME.toml (see example.toml there) and run
+    `systemctl enable --now aattsfs@NAME`. The unit runs this install of
+    aattsfs and reads its configs from --config-dir.
     """
-    import shlex
     import shutil
     import subprocess
+    import sysconfig
     from pathlib import Path
 
-    source = Path(__file__).resolve().parents[1] / "systemd"
-    if not (source / "aattsfs@.service").exists():
-        raise UserError(f"the unit file is not in {source}; run this from a checkout "
-                        "(make install)")
-    command = f"{shlex.quote(sys.executable)} -m aattsfs"
-    unit = (source / "aattsfs@.service").read_text().replace("@AATTSFS@", command)
+    # the unit and the example ship inside the package (package data)
+    source = Path(__file__).resolve().parent / "systemd"
+    if not (source / "aattsfs@.service").is_file() or not (source / "example.toml").is_file():
+        raise UserError(f"the unit file or example.toml is missing from {source}; "
+                        "reinstall aattsfs")
+    config_dir = os.path.abspath(config_dir)  # the unit names it from /
+    _check_unit_path(config_dir, "--config-dir")
+    # this environment's console script; `python -m` where there is none (it
+    # would also import an `aattsfs` directory in the working directory first)
+    script = Path(sysconfig.get_path("scripts"), "aattsfs")
+    if script.is_file() and os.access(script, os.X_OK):
+        program, command = str(script), str(script)
+    else:
+        program, command = sys.executable, f"{sys.executable} -m aattsfs"
+    _check_unit_path(program, "the aattsfs command")
+    unit = (source / "aattsfs@.service").read_text()
+    unit = unit.replace("@AATTSFS@", command).replace("@CONFDIR@", config_dir)
     try:
         Path(unit_dir).mkdir(parents=True, exist_ok=True)
         Path(unit_dir, "aattsfs@.service").write_text(unit)
@@ -256,10 +269,19 @@ def install_unit(unit_dir, config_dir):
     except OSError as exc:
         raise UserError(f"cannot install the unit: {exc.strerror} ({exc.filename}); "
                         "run as root or choose --unit-dir/--config-dir") from None
-    click.echo(f"installed {Path(unit_dir, 'aattsfs@.service')} and "
-               f"{Path(config_dir, 'example.toml')}")
+    click.echo(f"installed {Path(unit_dir, 'aattsfs@.service')} (running {command}, "
+               f"configs in {config_dir}) and {Path(config_dir, 'example.toml')}")
     if Path("/run/systemd/system").is_dir():  # systemd is the running init
         subprocess.run(["systemctl", "daemon-reload"], check=False)
+
+
+def _check_unit_path(path: str, what: str) -> None:
+    """A path the unit file names unquoted: systemd would split it at a
+    space and expand `%` and `$` in it, so such paths are refused."""
+    bad = sorted(set(path) & set(" \t\n\"'\\$%;"))
+    if bad:
+        raise UserError(f"{what} {path!r} has characters a unit file cannot hold unquoted "
+                        f"({' '.join(map(repr, bad))}); choose another path")
 
 
 def _control_file(mountpoint: str, name: str) -> bytes:

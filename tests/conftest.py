@@ -97,7 +97,7 @@ def act(path, action: str) -> None:
 class Mount:
     def __init__(self, root: Path, cold: Path, fast_size="256M", policy="lru",
                  extra=(), fast: Path | None = None, env: dict | None = None,
-                 admission="reuse") -> None:
+                 admission="reuse", command=None) -> None:
         self.cold = Path(cold)
         self.mnt = root / "mnt"
         self.fast = fast or root / "fast"
@@ -107,22 +107,25 @@ class Mount:
         self.policy = policy
         self.admission = admission
         self.extra = list(extra)
-        self.env = env
+        self.env = env  # added to the environment; a None value removes the variable
+        # the aattsfs to run: this checkout's by default, an installed one's
+        # console script in tests of the package (test_packaging.py)
+        self.command = list(command or [sys.executable, "-m", "aattsfs"])
         self.allowed: list[re.Pattern] = []
         self.proc: subprocess.Popen | None = None
         self.mnt.mkdir(parents=True, exist_ok=True)
 
     def start(self) -> "Mount":
         drop_pages(self.cold)
-        cmd = [sys.executable, "-m", "aattsfs", "mount", str(self.cold), str(self.mnt),
+        cmd = [*self.command, "mount", str(self.cold), str(self.mnt),
                "--foreground", "--fast-dir", str(self.fast), "--state-dir", str(self.state),
                "--fast-size", str(self.fast_size), "--policy", self.policy,
                "--admission", self.admission, *self.extra]
         with open(self.log, "ab") as logf:
+            env = None if self.env is None else {
+                k: v for k, v in {**os.environ, **self.env}.items() if v is not None}
             self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL,
-                                         env=None if self.env is None else
-                                         {**os.environ, **self.env})
+                                         stdin=subprocess.DEVNULL, env=env)
 
         def live():
             if self.proc.poll() is not None:

@@ -113,6 +113,7 @@ def test_a_chartjs_download_that_does_not_hash_as_pinned_is_refused(tmp_path, mo
             tar.addfile(info, io.BytesIO(js))
         return out.getvalue()
 
+    monkeypatch.delenv(vendor_chartjs.LOCAL_ENV, raising=False)
     for raw in (package(b"window.Chart = evil;"), b"not a tarball"):
         monkeypatch.setattr(urllib.request, "urlopen",
                             lambda *a, raw=raw, **k: io.BytesIO(raw))

@@ -94,10 +94,20 @@ def test_sigusr1_dumps_tasks_and_threads_and_keeps_serving(cold_tree, mounter):
 def test_the_systemd_unit_installs_and_verifies(tmp_path):
     run_cli("install-unit", "--unit-dir", tmp_path / "units", "--config-dir", tmp_path / "etc")
     unit = (tmp_path / "units" / "aattsfs@.service").read_text()
-    assert "@AATTSFS@" not in unit and "Type=notify" in unit
-    assert "ExecStop=-" in unit and "umount --config /etc/aattsfs/%i.toml" in unit
+    assert "@" not in unit.replace("aattsfs@", "") and "Type=notify" in unit
+    # the unit reads its configs from --config-dir, nowhere else
+    conf = f"{tmp_path}/etc/%i.toml"
+    assert f"ConditionPathExists={conf}\n" in unit
+    assert f" mount --config {conf} --foreground\n" in unit
+    assert "ExecStop=-" in unit and f" umount --config {conf}\n" in unit
+    settings = [ln for ln in unit.splitlines() if not ln.startswith("#")]
+    assert not any("/etc/aattsfs" in ln for ln in settings)
     assert (tmp_path / "etc" / "example.toml").read_text() == \
-        (REPO / "systemd" / "example.toml").read_text()
+        (REPO / "aattsfs" / "systemd" / "example.toml").read_text()
+    # a path systemd would split or expand is refused, nothing written
+    one_line_error(run_cli("install-unit", "--unit-dir", tmp_path / "u2", "--config-dir",
+                           tmp_path / "my configs", check=False), "--config-dir", "' '")
+    assert not (tmp_path / "u2").exists()
     # the example config is accepted by the mount command itself
     proc = run_cli("mount", "--config", tmp_path / "etc" / "example.toml", check=False)
     assert "bad value" not in proc.stderr and "unknown key" not in proc.stderr
