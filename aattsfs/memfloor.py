@@ -25,36 +25,33 @@ GROW_STEPS = 16  # the budget grows back in this many polls at the fastest
 RAM_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})  # whose files are RAM (/dev/shm is tmpfs)
 
 
-def parse_available(text: str) -> int | None:
-    """MemAvailable of a /proc/meminfo text, in bytes; None if it has none
-    (kernels before 3.14)."""
+def parse_meminfo(text: str, key: str = "MemAvailable") -> int | None:
+    """A field of a /proc/meminfo text, in bytes; None if it has none
+    (MemAvailable: kernels before 3.14)."""
     for line in text.splitlines():
-        if line.startswith("MemAvailable:"):
+        if line.startswith(key + ":"):
             fields = line.split()
             if len(fields) >= 2 and fields[1].isdigit():
                 return int(fields[1]) * (1024 if fields[2:3] == ["kB"] else 1)
     return None
 
 
-def read_available(path: str = MEMINFO) -> int | None:
-    """The box's available memory now (what the kernel could hand out
-    without swapping or the OOM killer); None if it cannot tell."""
+def read_meminfo(key: str, path: str = MEMINFO) -> int | None:
     try:
         with open(path, "rb") as f:
-            return parse_available(f.read().decode("ascii", "replace"))
+            return parse_meminfo(f.read().decode("ascii", "replace"), key)
     except OSError:
         return None
 
 
+def read_available(path: str = MEMINFO) -> int | None:
+    """The box's available memory now (what the kernel could hand out
+    without swapping or the OOM killer); None if it cannot tell."""
+    return read_meminfo("MemAvailable", path)
+
+
 def total_memory(path: str = MEMINFO) -> int | None:
-    try:
-        with open(path, "rb") as f:
-            for line in f.read().decode("ascii", "replace").splitlines():
-                if line.startswith("MemTotal:") and line.split()[1].isdigit():
-                    return int(line.split()[1]) * 1024
-    except (OSError, IndexError):
-        pass
-    return None
+    return read_meminfo("MemTotal", path)
 
 
 def margin_of(floor: int) -> int:

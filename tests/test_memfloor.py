@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from aattsfs.memfloor import (GROW_STEPS, effective_budget, margin_of, on_ram,
-                              parse_available, read_available)
+                              parse_meminfo, read_available)
 from conftest import MiB, act, run_cli, wait_for, write_random
 from test_faults import Tally, read_checked
 from test_store import (CHUNK, close_store, cold_files, hold_chunks_of, make_store, read_whole,
@@ -86,8 +86,9 @@ def test_off_or_unknown_memory_leaves_the_budget():
 
 def test_meminfo_and_the_filesystem_of_the_fast_dir():
     text = "MemTotal:       24683784 kB\nMemFree:  1 kB\nMemAvailable:   24162360 kB\n"
-    assert parse_available(text) == 24162360 * 1024
-    assert parse_available("MemTotal: 5 kB\n") is None
+    assert parse_meminfo(text) == 24162360 * 1024
+    assert parse_meminfo("MemTotal: 5 kB\n") is None
+    assert parse_meminfo(text, "MemTotal") == 24683784 * 1024
     assert read_available() > 0  # this box's
     table = [("/", "ext4", "8:1"), ("/dev/shm", "tmpfs", "0:25"), ("/mnt/ram", "ramfs", "0:9")]
     assert on_ram("/dev/shm/aattsfs/x", table) and on_ram("/mnt/ram", table)
