@@ -32,7 +32,8 @@ def gpt2(dest: Path, layers: int = 2, width: int = 64, vocab: int = 1000,
 
     torch.manual_seed(seed)
     config = GPT2Config(n_layer=layers, n_embd=width, n_head=max(1, width // 64),
-                        vocab_size=vocab, n_positions=256)
+                        vocab_size=vocab, n_positions=256,
+                        bos_token_id=min(50256, vocab - 1), eos_token_id=min(50256, vocab - 1))
     GPT2LMHeadModel(config).save_pretrained(dest, max_shard_size=shard)
     return dest
 
