@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import subprocess
 import time
 import sys
@@ -145,3 +146,53 @@ def test_prefetch_keeps_the_budget_and_spares_pinned_files(tmp_path, mounter, fa
     assert 0 < watch.peak_dir <= budget + PAGE_SLACK and watch.peak_stats <= budget
     assert m.stats()["prefetch"]["prefetches"] > 0
     assert m.stats()["fast_tier"]["policy"] == "predictive"
+
+
+def model_dir(d: Path, shards: int, seed: int) -> dict[str, bytes]:
+    """A sharded model directory as the format hints read it: config.json, an
+    index naming the shards, and each shard a whole safetensors file."""
+    files = {"config.json": json.dumps({"model_type": "gpt2", "seed": seed}).encode()}
+    names = [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
+    for i, name in enumerate(names):
+        data = random.Random(seed * 100 + i).randbytes(MiB)
+        header = json.dumps({f"t{i}": {"dtype": "U8", "shape": [MiB],
+                                       "data_offsets": [0, MiB]}}).encode()
+        files[name] = len(header).to_bytes(8, "little") + header + data
+    files["model.safetensors.index.json"] = json.dumps(
+        {"weight_map": {f"t{i}": n for i, n in enumerate(names)}}).encode()
+    for name, data in files.items():
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+        (d / name).write_bytes(data)
+    return files
+
+
+def test_hints_follow_links_to_the_files_a_loader_opens(tmp_path, mounter):
+    """Opening config.json through a link stages the files the loader will
+    open next: through a `latest -> v2` directory link, and through a hub
+    snapshot's file links (the blobs, known by their snapshot names)."""
+    cold = tmp_path / "cold"
+    files = model_dir(cold / "v2", 2, seed=1)
+    (cold / "latest").symlink_to("v2")
+    hub = tmp_path / "src"
+    model_dir(hub, 2, seed=2)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import modelgen
+    snapshot = modelgen.hub_cache(cold, hub, "org/tiny", "c" * 40).relative_to(cold)
+    m = mounter(cold, fast_size="16M")
+
+    shards = [n for n in files if n.endswith(".safetensors")]
+    with holding(m.path("latest/config.json")):
+        wait_for(lambda: all(m.tier(f"v2/{n}") == "fast" for n in shards),
+                 what="the shards of v2 to be staged")
+    blobs = {n: os.path.relpath(os.path.realpath(cold / snapshot / n), cold) for n in files}
+    with holding(m.path(f"{snapshot}/config.json")):
+        wait_for(lambda: all(m.tier(blobs[n]) == "fast" for n in shards),
+                 what="the blobs of the snapshot's shards to be staged")
+    s = m.stats()["prefetch"]
+    # each model's index and shards, before any open; the two config.json opens missed
+    assert s["prefetches"] == 2 * (len(shards) + 1) and s["demand_misses"] == 2
+    rows = [ln.split("\t") for ln in m.path(".aatts/tiers").read_text().splitlines()[1:]]
+    assert {r[5]: r[6] for r in rows}[blobs["config.json"]] == f"{snapshot}/config.json"
+    for n in shards:  # what the staged copies serve is the cold file's bytes
+        assert m.path(f"{snapshot}/{n}").read_bytes() == (cold / blobs[n]).read_bytes()
+        assert m.path(f"latest/{n}").read_bytes() == files[n]
