@@ -108,3 +108,4 @@ bench: bench-deps
 	$(PY) bench/mmap_touch.py --reps 5
 	$(PY) bench/page_cache_push.py --reps 5
 	$(PY) bench/passthrough.py --reps 3
+	$(PY) bench/hub_rotation.py --throttle $(THROTTLE)

@@ -99,7 +99,7 @@ def main() -> None:
                  for i in range(args.models)]
         requested = sum(sizes)
         budget = requested // 2
-        t0 = time.monotonic()
+        t0, started = time.monotonic(), time.strftime("%Y-%m-%d %H:%M")
         teacher = one_pass(slow, peers.Aattsfs(cold, slow.wrap, "hub-teacher", []), budget,
                            args.models, cycles=2)
         trace = WORK / "hub-teacher.trace.jsonl"
@@ -119,24 +119,28 @@ def main() -> None:
                 flush=True)
     meta = {"throttle_mbps": args.throttle, "reps": args.reps, "models": args.models,
             "model_mib": statistics.mean(sizes) / 2**20, "budget_mib": budget / 2**20,
-            "minutes": round((time.monotonic() - t0) / 60, 1),
-            "started": time.strftime("%Y-%m-%d %H:%M")}
-    publish(meta, runs, requested)
+            "requested_bytes": requested, "minutes": round((time.monotonic() - t0) / 60, 1),
+            "started": started}
+    publish(meta, runs)
 
 
-def publish(meta: dict, runs: list[dict], requested: int) -> None:
-    def med(target: str, fn) -> float:
-        return statistics.median(fn(run[target], run) for run in runs)
+def publish(meta: dict, runs: list[dict]) -> None:
+    def cell(target: str, fn, fmt: str) -> str:
+        values = sorted(fn(run[target], run) for run in runs)
+        return (f"{fmt.format(statistics.median(values))} "
+                f"({fmt.format(values[0])}–{fmt.format(values[-1])})")
 
     rows = [("first pass, load time vs direct",
-             lambda t: f"{med(t, lambda r, run: r['seconds'] / run['direct']['seconds']):.2f}x"),
+             lambda t: cell(t, lambda r, run: r["seconds"] / run["direct"]["seconds"],
+                            "{:.2f}x")),
             ("hit ratio (requested bytes from the fast tier)",
-             lambda t: f"{med(t, lambda r, run: r['hit_ratio']):.2f}"),
+             lambda t: cell(t, lambda r, run: r["hit_ratio"], "{:.2f}")),
             ("bytes read from the cold tier / requested",
-             lambda t: f"{med(t, lambda r, run: r['cold_read'] / requested):.2f}")]
-    table = ("| | fresh box | seeded box (`--learn-from`) |\n|---|---|---|\n"
-             + "".join(f"| {label} | {cell('fresh')} | {cell('seeded')} |\n"
-                       for label, cell in rows))
+             lambda t: cell(t, lambda r, run: r["cold_read"] / meta["requested_bytes"],
+                            "{:.2f}"))]
+    table = ("| median (min–max) | fresh box | seeded box (`--learn-from`) |\n|---|---|---|\n"
+             + "".join(f"| {label} | {of('fresh')} | {of('seeded')} |\n"
+                       for label, of in rows))
     section = (f"{meta['models']} models of {meta['model_mib']:.0f} MiB as a hub cache on a cold "
                f"tier throttled to {meta['throttle_mbps']} MB/s, fast tier "
                f"{meta['budget_mib']:.0f} MiB (about half); one cycle of the rotation, each "
