@@ -639,16 +639,9 @@ def sim(trace_file, budget, policies, admission, predictor, prefetch, cold_bandw
     policies and report each against the offline optimum."""
     from .policy import make_admission, make_policy
     from .learn import Learner
-    from .sim import belady_min, byte_bound, read_trace, simulate
+    from .sim import belady_min, byte_bound, read_trace_file, simulate
 
-    try:
-        requests = read_trace(trace_file)
-    except ValueError as exc:
-        raise UserError(f"{trace_file.name}: {exc}") from None
-    except OSError as exc:
-        raise UserError(f"cannot read {trace_file.name}: {exc.strerror}") from None
-    if not requests:
-        raise UserError(f"{trace_file.name} holds no open events")
+    requests = read_trace_file(trace_file, trace_file.name)
     if not any(r.size for r in requests):  # no byte to cache: every ratio is 0/0
         raise UserError(f"{trace_file.name}: every open in it has size 0; there is nothing "
                         "to simulate")

@@ -305,16 +305,9 @@ def read_seed(lines, name: str) -> list[dict]:
     name a file of the mount (control.check_learnable): a mistake is one
     UserError naming `name`, the line and what is wrong, and nothing of the
     file is learned."""
-    from .sim import open_event, read_trace
+    from .sim import open_event, read_trace_file
 
-    try:
-        opens = [open_event(r) for r in read_trace(lines, control.check_learnable)]
-    except ValueError as exc:
-        raise UserError(f"{name}: {exc}") from None
-    except OSError as exc:
-        raise UserError(f"cannot read {name}: {exc.strerror}") from None
-    if not opens:
-        raise UserError(f"{name} holds no open events; nothing to learn")
+    opens = [open_event(r) for r in read_trace_file(lines, name, control.check_learnable)]
     if len(opens) > TRACE_CAPACITY:
         raise UserError(f"{name} holds {len(opens)} opens, more than the {TRACE_CAPACITY} a "
                         "trace keeps; keep the latest of them")

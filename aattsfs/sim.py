@@ -22,6 +22,7 @@ from typing import Callable, Container, Hashable, Iterable
 
 from collections import OrderedDict
 
+from .errors import UserError
 from .learn import IMPORTED, Imported, Learner, plan
 from .policy import Admission, AdmitAll, EvictionPolicy
 from .residency import Residency
@@ -107,6 +108,21 @@ def read_trace(lines: Iterable[str | bytes],
         if request is not None:
             out.append(request)
     return out
+
+
+def read_trace_file(lines: Iterable[str | bytes], name: str,
+                    check_path: Callable[[str], None] | None = None) -> list[Request]:
+    """read_trace of the file `name`; a mistake in it, or no open event in
+    it, is one UserError naming the file."""
+    try:
+        requests = read_trace(lines, check_path)
+    except ValueError as exc:
+        raise UserError(f"{name}: {exc}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {name}: {exc.strerror}") from None
+    if not requests:
+        raise UserError(f"{name} holds no open events")
+    return requests
 
 
 def _is_int(value) -> bool:
