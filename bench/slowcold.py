@@ -35,6 +35,14 @@ class SlowCold:
 
     def __enter__(self) -> "SlowCold":
         self.teardown()
+        try:
+            self._setup()
+        except BaseException:  # half set up: undo what was done
+            self.teardown()
+            raise
+        return self
+
+    def _setup(self) -> None:
         self.mnt.mkdir(parents=True, exist_ok=True)
         if not self.image.exists() or self.image.stat().st_size < self.size_mb << 20:
             self.image.unlink(missing_ok=True)
@@ -48,7 +56,6 @@ class SlowCold:
         rdev = os.stat(self.loop).st_rdev
         (self.cgroup / "blkio.throttle.read_bps_device").write_text(
             f"{os.major(rdev)}:{os.minor(rdev)} {self.bps}\n")
-        return self
 
     def wrap(self, cmd: list[str]) -> list[str]:
         return ["sh", "-c", f'echo $$ > {self.cgroup}/cgroup.procs && exec "$@"', "sh", *cmd]

@@ -38,7 +38,7 @@ import benchenv  # noqa: E402,F401  (quiet loaders)
 import datasets  # noqa: E402
 import peers  # noqa: E402
 from harness import cli, drop_caches, load, stats, wait_promotions  # noqa: E402
-from slowcold import SlowCold  # noqa: E402
+from slowcold import BLKIO, SlowCold  # noqa: E402
 
 from aattsfs.units import format_size  # noqa: E402
 
@@ -93,10 +93,20 @@ class Demo:
         throttle (for the direct loads and the daemons)."""
         if self.cold_kind == "local":
             return sources[0].parent, list, None
+        if not BLKIO.is_dir():
+            raise SystemExit(f"aattsfs demo: the emulated slow tier needs the cgroup-v1 blkio "
+                             f"controller ({BLKIO}), which this box does not have; "
+                             "DEMO_COLD=local runs the demo on the local disk")
         need = sum(tree_bytes(s) for s in sources)
-        slow = self.stack.enter_context(
-            SlowCold(self.work, size_mb=max(64, int(need * 1.3) >> 20) + 64,
-                     read_mbps=self.mbps))
+        try:
+            slow = self.stack.enter_context(
+                SlowCold(self.work, size_mb=max(64, int(need * 1.3) >> 20) + 64,
+                         read_mbps=self.mbps))
+        except (subprocess.CalledProcessError, OSError) as exc:
+            detail = getattr(exc, "stderr", None) or exc
+            raise SystemExit(f"aattsfs demo: cannot set up the emulated slow tier "
+                             f"({str(detail).strip()}); DEMO_COLD=local runs the demo on "
+                             "the local disk") from None
         for s in sources:
             slow.fill(s, s.relative_to(self.work / "src").as_posix())
         return slow.mnt, slow.wrap, slow
