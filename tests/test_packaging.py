@@ -54,7 +54,8 @@ def _run(cmd, **kw) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def dist(tmp_path_factory):
     """(sdist, wheel) of this checkout, the wheel built from the sdist."""
-    if importlib.util.find_spec("build") is None:
+    # not find_spec("build"): the checkout's build/ directory is a namespace package
+    if importlib.util.find_spec("build.__main__") is None:
         pytest.fail("the 'build' package is missing; `make test` installs it (.[dev])")
     out = tmp_path_factory.mktemp("dist")
     env = dict(os.environ)  # the build frontend of this environment (the backend is isolated)
