@@ -249,6 +249,9 @@ def install_unit(unit_dir, config_dir):
     if not (source / "aattsfs@.service").is_file() or not (source / "example.toml").is_file():
         raise UserError(f"the unit file or example.toml is missing from {source}; "
                         "reinstall aattsfs")
+    for value, option in ((unit_dir, "--unit-dir"), (config_dir, "--config-dir")):
+        if not value:
+            raise UserError(f"{option} is empty; give a directory")
     config_dir = os.path.abspath(config_dir)  # the unit names it from /
     _check_unit_path(config_dir, "--config-dir")
     # this environment's console script; `python -m` where there is none (it
@@ -261,14 +264,22 @@ def install_unit(unit_dir, config_dir):
     _check_unit_path(program, "the aattsfs command")
     unit = (source / "aattsfs@.service").read_text()
     unit = unit.replace("@AATTSFS@", command).replace("@CONFDIR@", config_dir)
+    # the config dir first, and the unit replaced whole (a temporary file
+    # renamed over it): a failed install leaves an installed unit as it was
+    unit_path = Path(unit_dir, "aattsfs@.service")
+    partial = unit_path.with_name(f".{unit_path.name}.{os.getpid()}")
     try:
-        Path(unit_dir).mkdir(parents=True, exist_ok=True)
-        Path(unit_dir, "aattsfs@.service").write_text(unit)
         Path(config_dir).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source / "example.toml", Path(config_dir, "example.toml"))
+        Path(unit_dir).mkdir(parents=True, exist_ok=True)
+        partial.write_text(unit)
+        os.replace(partial, unit_path)
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        hint = "run as root or choose" if os.geteuid() else "choose another"
         raise UserError(f"cannot install the unit: {exc.strerror} ({exc.filename}); "
-                        "run as root or choose --unit-dir/--config-dir") from None
+                        f"{hint} --unit-dir/--config-dir") from None
     click.echo(f"installed {Path(unit_dir, 'aattsfs@.service')} (running {command}, "
                f"configs in {config_dir}) and {Path(config_dir, 'example.toml')}")
     if Path("/run/systemd/system").is_dir():  # systemd is the running init
@@ -278,6 +289,10 @@ def install_unit(unit_dir, config_dir):
 def _check_unit_path(path: str, what: str) -> None:
     """A path the unit file names unquoted: systemd would split it at a
     space and expand `%` and `$` in it, so such paths are refused."""
+    try:
+        path.encode()
+    except UnicodeEncodeError:  # bytes that are not UTF-8: nothing systemd reads back
+        raise UserError(f"{what} {path!r} is not valid UTF-8; choose another path") from None
     bad = sorted(set(path) & set(" \t\n\"'\\$%;"))
     if bad:
         raise UserError(f"{what} {path!r} has characters a unit file cannot hold unquoted "

@@ -216,10 +216,12 @@ async def serve(store: Store, name: bytes, allowed: frozenset[int],
             req = json.loads(line)
             if req["action"] == "learn":
                 return await _learn(req["events"], req["more"], conn)
+            if not (isinstance(req["action"], str) and isinstance(req["path"], str)):
+                raise TypeError("not a request")
             await act(store, req["action"], req["path"])
         except OSError as exc:
             return {"errno": exc.errno or errno.EIO, "error": exc.strerror or str(exc)}
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):  # nested beyond json's depth
             return {"errno": errno.EINVAL, "error": "not a request"}
         except Exception:
             log.exception("internal error in the control request %r", line[:200])

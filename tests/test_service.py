@@ -108,6 +108,18 @@ def test_the_systemd_unit_installs_and_verifies(tmp_path):
     one_line_error(run_cli("install-unit", "--unit-dir", tmp_path / "u2", "--config-dir",
                            tmp_path / "my configs", check=False), "--config-dir", "' '")
     assert not (tmp_path / "u2").exists()
+    # a failed install leaves the installed unit as it was: a config dir that
+    # cannot be made, one that is not UTF-8, an empty one
+    (tmp_path / "a-file").touch()
+    for config_dir, why in ((tmp_path / "a-file", "cannot install the unit"),
+                            (tmp_path / "a-file" / "sub", "cannot install the unit"),
+                            (os.fsdecode(os.fsencode(str(tmp_path)) + b"/bad\xff"),
+                             "not valid UTF-8"),
+                            ("", "--config-dir is empty")):
+        one_line_error(run_cli("install-unit", "--unit-dir", tmp_path / "units",
+                               "--config-dir", config_dir, check=False), why)
+        assert (tmp_path / "units" / "aattsfs@.service").read_text() == unit
+        assert os.listdir(tmp_path / "units") == ["aattsfs@.service"]
     # the example config is accepted by the mount command itself
     proc = run_cli("mount", "--config", tmp_path / "etc" / "example.toml", check=False)
     assert "bad value" not in proc.stderr and "unknown key" not in proc.stderr
@@ -214,8 +226,14 @@ def test_the_control_socket_acts_only_on_the_mounts_regular_files(tmp_path, moun
         with pytest.raises(OSError) as exc:
             client.act("delete", "d/f.bin")
         assert exc.value.errno == errno.EINVAL
-        client.sock.sendall(b"not json\n")
-        assert b'"errno": 22' in client.replies.readline()
+        # not JSON, a path that is no string, nesting beyond the parser's depth:
+        # EINVAL, and nothing in the daemon's log (the fixture fails on errors)
+        for line in (b"not json", b'{"action": "warm", "path": {"a": 1}}',
+                     b'{"action": ["warm"], "path": "d/f.bin"}',
+                     b"[" * 30000 + b"]" * 30000,
+                     b'{"action": "learn", "events": ' + b"[" * 30000 + b"]" * 30000 + b"}"):
+            client.sock.sendall(line + b"\n")
+            assert b'"errno": 22' in client.replies.readline(), line[:40]
         assert m.stats()["promotions"] == 0
         client.act("warm", "d/f.bin")  # the same connection still serves
     assert m.tier("d/f.bin") == "fast"
