@@ -50,7 +50,7 @@ SCALES = {
              "rotation": (3, dict(layers=4, width=768, vocab=8192, shard="64MB")),
              "think": 2.0},
     "tiny": {"sharded": dict(layers=2, width=64, vocab=1000, shard="100KB"),
-             "rotation": (2, dict(layers=2, width=64, vocab=1000, shard="100KB")),
+             "rotation": (1, dict(layers=2, width=64, vocab=1000, shard="100KB")),
              "think": 0.2},
 }
 HOLDS = 0.55  # the rotation's fast tier: about half of its models (tmpfs rounds up)
